@@ -1,0 +1,55 @@
+"""Errors raised by tensadapt. Each one names what is wrong and where."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a spec: where (a YAML path such as ``rank.qkv``) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<spec>'}: {self.message}"
+
+
+class TensadaptError(Exception):
+    """Base class of every error tensadapt raises on purpose."""
+
+
+class SpecError(TensadaptError, ValueError):
+    """A spec is invalid. Carries *every* problem found, each with its YAML path.
+
+    Args:
+        problems: all problems found in the spec.
+        source: the file (or ``<string>``/``<dict>``) the spec came from.
+    """
+
+    def __init__(self, problems: Sequence[Problem], source: str = "<spec>") -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in spec:\n{lines}")
+
+
+class PlanError(TensadaptError, ValueError):
+    """A valid spec cannot be planned against this architecture (e.g. a target it lacks)."""
+
+
+class RegistryError(TensadaptError, KeyError):
+    """A name is not registered, or is registered twice. The message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ArchitectureError(TensadaptError, ValueError):
+    """A model family cannot be adapted; the message says what was found."""
+
+
+class AdapterMismatchError(TensadaptError, ValueError):
+    """A saved adapter does not fit the model (or file) it is loaded into; names the mismatch."""
