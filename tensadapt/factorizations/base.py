@@ -102,8 +102,13 @@ def make_network(
     sizes: dict[str, int] = {a.name: a.size for a in axes}
     sizes.update(bonds)
     sizes.update(sub_sizes or {})
-    legs_map = {a.name: tuple(axis_legs[a.name]) if axis_legs and a.name in axis_legs else (a.name,) for a in axes}
-    specs = tuple(FactorSpec(n, tuple(legs), tuple(sizes[leg] for leg in legs)) for n, legs in factors)
+    legs_map = {
+        a.name: tuple(axis_legs[a.name]) if axis_legs and a.name in axis_legs else (a.name,)
+        for a in axes
+    }
+    specs = tuple(
+        FactorSpec(n, tuple(legs), tuple(sizes[leg] for leg in legs)) for n, legs in factors
+    )
     used = {leg for _, legs in factors for leg in legs}
     return Network(
         factors=specs,
@@ -216,7 +221,9 @@ def default_init(
             bound = 1.0 / math.sqrt(fan_in)
             out[f.name] = (torch.rand(f.shape, generator=generator) * 2 - 1) * bound
         else:
-            bonds = sorted((sizes[leg] for leg in f.legs if leg not in axis_leg_names), reverse=True)
+            bonds = sorted(
+                (sizes[leg] for leg in f.legs if leg not in axis_leg_names), reverse=True
+            )
             fan = math.prod(bonds[1:]) if len(bonds) > 1 else 1
             out[f.name] = torch.randn(f.shape, generator=generator) / math.sqrt(fan)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,12 +24,15 @@ class MPOOptions(BaseModel):
     """Options of ``mpo``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    n_cores: int = Field(5, ge=1, le=12, description="N: number of cores the matrix is split into (DoTA: 5)")
+    n_cores: int = Field(
+        5, ge=1, le=12, description="N: number of cores the matrix is split into (DoTA: 5)"
+    )
     in_shape: tuple[int, ...] | None = Field(
         None, description="I_1..I_N, product = input width; chosen automatically when omitted"
     )
     out_shape: tuple[int, ...] | None = Field(
-        None, description="J_1..J_N, product = output width (head_dim with heads); automatic when omitted"
+        None,
+        description="J_1..J_N, product = output width (head_dim with heads); automatic when omitted",
     )
 
     @field_validator("in_shape", "out_shape")
@@ -40,7 +43,7 @@ class MPOOptions(BaseModel):
         return v
 
 
-@lru_cache(maxsize=None)
+@cache
 def balanced_factors(n: int, k: int) -> tuple[int, ...]:
     """Split ``n`` into ``k`` integer factors as evenly as possible, arranged as DoTA's Table 2.
 
@@ -94,7 +97,9 @@ class MPO(Factorization):
     inits = ("zeros", "mpo")
     description = "matrix product operator / TT-matrix of each matrix (DoTA)"
 
-    def shapes(self, axes: Sequence[Axis], options: BaseModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def shapes(
+        self, axes: Sequence[Axis], options: BaseModel
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         assert isinstance(options, MPOOptions)
         d_in = axes[0].size
         d_out = axes[1].size
@@ -108,17 +113,25 @@ class MPO(Factorization):
         i_shape, j_shape = self.shapes(axes, options)
         for key, shape, ax in (("in_shape", i_shape, axes[0]), ("out_shape", j_shape, axes[1])):
             if math.prod(shape) != ax.size:
-                problems.append(f"options.{key}: product {math.prod(shape)} != {ax.name} size {ax.size}")
+                problems.append(
+                    f"options.{key}: product {math.prod(shape)} != {ax.name} size {ax.size}"
+                )
             if len(shape) != options.n_cores:
-                problems.append(f"options.{key}: {len(shape)} entries but n_cores = {options.n_cores}")
+                problems.append(
+                    f"options.{key}: {len(shape)} entries but n_cores = {options.n_cores}"
+                )
         return problems
 
     def network(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> Network:
         i_shape, j_shape = self.shapes(axes, options)
         n = len(i_shape)
         a_in, a_out = axes[0].name, axes[1].name
-        sub = {f"{a_in}.{k}": s for k, s in enumerate(i_shape)} | {f"{a_out}.{k}": s for k, s in enumerate(j_shape)}
-        site_legs = [(f"{a_in}.{k}", f"{a_out}.{k}") for k in range(n)] + [(a.name,) for a in axes[2:]]
+        sub = {f"{a_in}.{k}": s for k, s in enumerate(i_shape)} | {
+            f"{a_out}.{k}": s for k, s in enumerate(j_shape)
+        }
+        site_legs = [(f"{a_in}.{k}", f"{a_out}.{k}") for k in range(n)] + [
+            (a.name,) for a in axes[2:]
+        ]
         names = [f"C{k}" for k in range(n)] + [f"G_{a.name}" for a in axes[2:]]
         r = rank if isinstance(rank, int) else max(rank.values())
         return train_network(
@@ -128,7 +141,10 @@ class MPO(Factorization):
             names,
             zero=f"C{n - 1}",
             bond_keys=["r"] * (len(site_legs)),
-            axis_legs={a_in: tuple(f"{a_in}.{k}" for k in range(n)), a_out: tuple(f"{a_out}.{k}" for k in range(n))},
+            axis_legs={
+                a_in: tuple(f"{a_in}.{k}" for k in range(n)),
+                a_out: tuple(f"{a_out}.{k}" for k in range(n)),
+            },
             sub_sizes=sub,
         )
 

@@ -21,8 +21,13 @@ class TensorTrain(Factorization):
         return tuple(axes[:-1])
 
     def network(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> Network:
-        return train_network(axes, rank, [(a.name,) for a in axes], [f"G_{a.name}" for a in axes],
-                             zero=f"G_{_out_axis(axes)}")
+        return train_network(
+            axes,
+            rank,
+            [(a.name,) for a in axes],
+            [f"G_{a.name}" for a in axes],
+            zero=f"G_{_out_axis(axes)}",
+        )
 
 
 def train_network(
@@ -41,6 +46,12 @@ def train_network(
     bonds = {f"b{k}": rank_of(rank, keys[k]) for k in range(n - 1)}
     factors = []
     for k in range(n):
-        legs = ((f"b{k - 1}",) if k > 0 else ()) + tuple(site_legs[k]) + ((f"b{k}",) if k < n - 1 else ())
+        legs = (
+            ((f"b{k - 1}",) if k > 0 else ())
+            + tuple(site_legs[k])
+            + ((f"b{k}",) if k < n - 1 else ())
+        )
         factors.append((names[k], legs))
-    return make_network(factors, axes, bonds, zero_factor=zero, axis_legs=axis_legs, sub_sizes=sub_sizes)
+    return make_network(
+        factors, axes, bonds, zero_factor=zero, axis_legs=axis_legs, sub_sizes=sub_sizes
+    )

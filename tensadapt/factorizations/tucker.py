@@ -24,5 +24,7 @@ class Tucker(Factorization):
 
     def network(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> Network:
         bonds = {f"r_{a.name}": rank_of(rank, a.name) for a in axes}
-        factors = [("core", tuple(bonds))] + [(f"U_{a.name}", (a.name, f"r_{a.name}")) for a in axes]
+        factors = [("core", tuple(bonds))] + [
+            (f"U_{a.name}", (a.name, f"r_{a.name}")) for a in axes
+        ]
         return make_network(factors, axes, bonds, zero_factor=f"U_{_out_axis(axes)}")
