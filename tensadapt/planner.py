@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import opt_einsum as oe
 
@@ -24,10 +24,7 @@ from .arch.base import PROJECTIONS, Architecture, TargetSite
 from .errors import PlanError
 from .factorizations.base import Axis, FactorSpec, nominal_rank
 from .modes import WRITE_PROJECTIONS, out_side, tensor_axes
-from .spec import AdapterSpec, load_spec
-
-if TYPE_CHECKING:
-    from .factorizations.base import Factorization
+from .spec import AdapterSpec, get_factorization, load_spec
 
 #: token count used to price contractions per token (paths are re-chosen at run time per shape)
 NOMINAL_TOKENS = 1024
@@ -158,12 +155,6 @@ def _model_params(model_or_config: Any, arch: Architecture) -> int | None:
     if hasattr(model_or_config, "parameters"):
         return sum(p.numel() for p in model_or_config.parameters())
     return None
-
-
-def get_factorization(name: str) -> Factorization:
-    from .spec import _factorizations
-
-    return _factorizations().get(name)
 
 
 def plan(

@@ -42,15 +42,13 @@ from pydantic import (
 
 from .arch.base import PROJECTIONS
 from .errors import Problem, SpecError
+from .modes import ALIASES as MODE_ALIASES
+from .modes import MODES
 from .registry import Registry
 
 if TYPE_CHECKING:
     from .factorizations.base import Factorization
 
-#: Stacking modes, in canonical order.
-MODES: tuple[str, ...] = ("heads", "qkv", "depth")
-#: Accepted spellings of the stacking modes, normalised by the spec.
-MODE_ALIASES: Mapping[str, str] = {"att": "heads", "attention": "heads", "layers": "depth"}
 #: Storage of the frozen residual (``residual:``) and of the targeted base weights (``base:``).
 RESIDUALS: tuple[str, ...] = ("none", "frozen", "nf4")
 BASES: tuple[str, ...] = ("fp", "nf4")
