@@ -10,6 +10,7 @@ target of the tensor that reads the same input (q, k and v of a layer), then eac
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -329,9 +330,11 @@ def _target_plan(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _stage(
     eq: str, operands: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], tokens: bool = True
 ) -> Stage:
+    """Price one einsum (cached: the targets of a tensor share a handful of equations)."""
     real = [tuple(NOMINAL_TOKENS if d == -1 else d for d in sh) for sh in shapes]
     _, info = oe.contract_path(
         eq, *real, shapes=True, optimize="optimal" if len(real) <= 6 else "auto"
