@@ -6,6 +6,7 @@ Data flow: ``load_spec`` → ``plan`` → ``inject`` → train → ``merge`` / `
 from __future__ import annotations
 
 from .errors import AdapterMismatchError, PlanError, SpecError
+from .export import export_peft_lora
 from .inject import inject, merge, merge_and_unload, trainable_parameters, unmerge
 from .io import load_adapter, save_adapter
 from .planner import Plan, plan
@@ -20,6 +21,7 @@ __all__ = [
     "PlanError",
     "SpecError",
     "__version__",
+    "export_peft_lora",
     "inject",
     "load_adapter",
     "load_spec",

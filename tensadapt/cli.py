@@ -127,6 +127,64 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_schema, add_plan]
 
 
+# -- export --------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_merged, export_peft_lora, load_base_model
+    from .io import load_adapter
+
+    src = Path(args.adapter)
+    if not src.exists():
+        raise UsageError(f"{args.adapter}: no such adapter directory")
+    if not src.is_dir():
+        raise UsageError(f"{args.adapter}: is a file, expected an adapter directory")
+    model = load_base_model(args.model, seed=args.seed, model_class=args.model_class)
+    load_adapter(model, src)
+    if args.to == "merged":
+        out = export_merged(model, args.out, inplace=True)
+        print(f"wrote merged weights to {out} (load with {type(model).__name__}.from_pretrained)")
+    else:
+        print(export_peft_lora(model, args.out, rank=args.rank))
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a saved adapter as a PEFT LoRA adapter or as merged full weights",
+        description="Rebuild the base model, load the adapter from ADAPTER_DIR and write it as a "
+        "standard PEFT LoRA adapter (--to peft-lora; exact for lora/cp/tucker/tt, a truncated "
+        "SVD at --rank with the error reported for mpo) or as merged full weights "
+        "(--to merged; safetensors, loadable with from_pretrained). The base model must be the "
+        "one the adapter was trained on: the same local weights, or the same preset and --seed.",
+    )
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="directory written by save_adapter")
+    p.add_argument("--to", choices=("peft-lora", "merged"), required=True, help="export format")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="the base model: a local model directory, or a preset built from its config",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (0)")
+    p.add_argument(
+        "--model-class",
+        default=None,
+        help="transformers class, e.g. AutoModelForSequenceClassification (default: the "
+        "config's architectures[0], AutoModel for presets)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="peft-lora: cap every LoRA at this rank (truncated SVD where needed, error reported)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+COMMANDS.append(add_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensadapt",

@@ -53,3 +53,21 @@ class ArchitectureError(TensadaptError, ValueError):
 
 class AdapterMismatchError(TensadaptError, ValueError):
     """A saved adapter does not fit the model (or file) it is loaded into; names the mismatch."""
+
+
+class ExportError(TensadaptError, ValueError):
+    """An adapter cannot be exported in the requested form; the message says why and what to do."""
+
+
+class NonFiniteError(TensadaptError, FloatingPointError):
+    """A factor (or its gradient) holds NaN or inf during training; names the tensor and the step.
+
+    Attributes:
+        step: the training step at which it was found (``None`` when unknown).
+        names: the offending tensors, e.g. ``["q_k_v.U_in", "q_k_v.U_in.grad"]``.
+    """
+
+    def __init__(self, message: str, step: int | None = None, names: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.step = step
+        self.names = names
