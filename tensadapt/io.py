@@ -30,7 +30,7 @@ PLAN_FILE = "plan.json"
 SAVED_PREFIX = "modules_to_save."
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (same directory)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -74,7 +74,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     plan_d = ad.plan.to_dict()
-    meta = {"format_version": str(FORMAT_VERSION), "tensadapt": "adapter"}
+    # the spec travels inside adapter.safetensors too: that file is the commit point of a save
+    # (written first, renamed atomically), so a crash before spec.yaml is rewritten cannot pair
+    # new tensors with an old spec
+    meta = {
+        "format_version": str(FORMAT_VERSION),
+        "tensadapt": "adapter",
+        "spec": spec_to_yaml(ad.plan.spec),
+    }
     state = adapter_state(model)
     atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
     _write_text(out / SPEC_FILE, spec_to_yaml(ad.plan.spec))
@@ -112,11 +119,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
             names the mismatch.
     """
     from .arch import from_model
+    from .planner import plan as make_plan
 
     d = Path(directory)
+    if d.is_file():
+        raise AdapterMismatchError(f"{d}: is a file, not an adapter directory")
     if not d.is_dir():
         raise AdapterMismatchError(f"{d}: adapter directory not found")
     saved_plan = read_plan_file(d)
+    if not (d / SPEC_FILE).is_file():
+        raise AdapterMismatchError(f"{d}: not a complete tensadapt adapter (no {SPEC_FILE})")
     spec = load_spec(d / SPEC_FILE)
     have = from_model(model).fingerprint()
     want = saved_plan.get("architecture", {})
@@ -125,15 +137,78 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     ]
     if diffs:
         raise AdapterMismatchError(f"{d}: adapter was made for another model: " + "; ".join(diffs))
-    try:
-        state = load_file(str(d / ADAPTER_FILE))
-    except FileNotFoundError:
-        raise AdapterMismatchError(f"{d}: missing {ADAPTER_FILE}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterMismatchError(f"{d / ADAPTER_FILE}: truncated or corrupted ({e})") from None
-    inject(model, spec)
+    state, meta = _read_tensors(d / ADAPTER_FILE)
+    if meta.get("spec") and meta["spec"] != spec_to_yaml(spec):
+        # adapter.safetensors is the commit point of a save: trust its own copy of the spec
+        import warnings
+
+        warnings.warn(
+            f"{d / SPEC_FILE} differs from the spec saved inside {ADAPTER_FILE} (an interrupted "
+            "save, or a hand edit); using the one inside the tensors file",
+            stacklevel=2,
+        )
+        spec = load_spec(meta["spec"], source_name=f"{d / ADAPTER_FILE} (embedded spec)")
+    new_plan = make_plan(spec, model)
+    _check_targets(saved_plan, new_plan.to_dict(), str(d / PLAN_FILE))
+    inject(model, new_plan)
     load_adapter_state(model, state, source=str(d / ADAPTER_FILE))
     return model
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of an ``adapter.safetensors``, with clear errors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AdapterMismatchError(f"{path.parent}: missing {path.name}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
+            meta = dict(fh.metadata() or {})
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        size = path.stat().st_size
+        raise AdapterMismatchError(
+            f"{path}: truncated or corrupted safetensors file ({size} bytes): {e}"
+        ) from None
+    version = meta.get("format_version")
+    if meta.get("tensadapt") != "adapter":
+        raise AdapterMismatchError(f"{path}: not a tensadapt adapter file (no tensadapt metadata)")
+    if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+        raise AdapterMismatchError(
+            f"{path}: adapter format version {version!r} is newer than this tensadapt supports "
+            f"({FORMAT_VERSION}); upgrade tensadapt"
+        )
+    return state, meta
+
+
+def _check_targets(saved: dict[str, Any], new: dict[str, Any], source: str) -> None:
+    """Every saved target must exist in the model's plan with the same widths and tensor."""
+
+    def table(p: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
+        rows = p.get("targets") or []
+        return {
+            f"{t.get('proj')}.{t.get('layer')}": (
+                t.get("in_features"),
+                t.get("out_features"),
+                t.get("tensor"),
+            )
+            for t in rows
+            if isinstance(t, dict)
+        }
+
+    old, cur = table(saved), table(new)
+    if not old:
+        return
+    problems = [f"target {k} not in this model" for k in old if k not in cur]
+    problems += [f"target {k} is adapted here but not in the adapter" for k in cur if k not in old]
+    problems += [
+        f"target {k}: adapter {old[k][0]}x{old[k][1]} vs model {cur[k][0]}x{cur[k][1]}"
+        for k in old
+        if k in cur and old[k][:2] != cur[k][:2]
+    ]
+    if problems:
+        shown = "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
+        raise AdapterMismatchError(f"{source}: adapter targets differ from this model's: {shown}")
 
 
 def load_adapter_state(
@@ -165,6 +240,11 @@ def load_adapter_state(
         if tuple(target.shape) != tuple(v.shape):
             raise AdapterMismatchError(
                 f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(target.shape)}"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise AdapterMismatchError(
+                f"{source}: tensor {k!r} holds NaN or inf values (corrupted, or saved after "
+                "training diverged)"
             )
         with torch.no_grad():
             target.copy_(v.to(target.dtype))
