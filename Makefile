@@ -8,9 +8,9 @@ PIP     = $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: demo test lint install clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[test,train]"
+	$(PIP) -e ".[test,train]" -e plugins/tensadapt-tensor-ring -e plugins/tensadapt-gpt-neo
 	touch $@
 
 install: $(VENV)/.installed

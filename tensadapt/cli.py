@@ -127,6 +127,46 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_validate, add_schema, add_plan]
 
 
+# -- plugins -------------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from . import plugins
+
+    report = plugins.report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    cols = ("kind", "name", "distribution", "version", "description")
+    table = [cols, *[tuple(r[c] for c in cols) for r in report["entries"]]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    off = [p for p in report["plugins"] if p["status"] == "disabled"]
+    if off:
+        print("\ndisabled: " + ", ".join(f"{p['name']} ({p['distribution']})" for p in off))
+    if report["failures"]:
+        print(f"\n{len(report['failures'])} plugin problem(s), left out:")
+        for f in report["failures"]:
+            print(f"  - {f['message']}")
+    return 0
+
+
+def add_plugins(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plugins",
+        help="list registered factorizations, architectures and initialisers",
+        description="List every registered factorization, architecture (model family) and "
+        "initialiser with the distribution and version that provided it, then any plugin that "
+        "was disabled or left out because it failed (and why).",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print entries, plugins and failures as JSON"
+    )
+    p.set_defaults(func=cmd_plugins)
+
+
+COMMANDS.append(add_plugins)
+
+
 # -- export --------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_merged, export_peft_lora, load_base_model
@@ -507,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--disable-plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave out a plugin (entry-point or distribution name); repeatable; also "
+        "TENSADAPT_DISABLE_PLUGINS=a,b",
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -519,6 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    if getattr(args, "disable_plugin", None):
+        from .plugins import disable
+
+        disable(args.disable_plugin)
     try:
         return int(args.func(args) or 0)
     except SpecError as e:

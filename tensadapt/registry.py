@@ -18,12 +18,23 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A registered object and who provided it (distribution name and version)."""
+    """A registered object and who provided it.
+
+    Attributes:
+        name: the name specs and commands use.
+        obj: the registered object (a factorization instance, a family, an initialiser).
+        source: the distribution that provided it (``tensadapt`` for built-ins).
+        version: that distribution's version.
+        description: one line for ``tensadapt plugins``.
+        plugin: the plugin (entry-point name) that registered it.
+    """
 
     name: str
     obj: T
     source: str = "tensadapt"
     version: str = ""
+    description: str = ""
+    plugin: str = "tensadapt"
 
 
 class Registry(Generic[T]):
@@ -41,29 +52,48 @@ class Registry(Generic[T]):
             assert self._loader is not None
             self._loader()
 
-    def register(self, name: str, obj: T, source: str = "tensadapt", version: str = "") -> None:
+    def register(
+        self,
+        name: str,
+        obj: T,
+        source: str = "tensadapt",
+        version: str = "",
+        description: str = "",
+        plugin: str = "tensadapt",
+    ) -> None:
         """Add ``obj`` under ``name``; a name already taken raises :class:`RegistryError`."""
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if name in self._entries:
             prev = self._entries[name]
             raise RegistryError(
-                f"{self.kind} {name!r} from {source} is already registered by {prev.source}"
+                f"{self.kind} {name!r} from {_who(source, version)} is already registered by "
+                f"{_who(prev.source, prev.version)}"
             )
-        self._entries[name] = Entry(name, obj, source, version)
+        self._entries[name] = Entry(name, obj, source, version, description, plugin)
+
+    def unregister(self, name: str) -> Entry[T]:
+        """Remove ``name`` and return its entry; an unknown name raises listing the valid names."""
+        entry = self.entry(name)
+        del self._entries[name]
+        return entry
 
     def get(self, name: str) -> T:
         """The object named ``name``; an unknown name raises listing the valid names."""
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry[T]:
+        """The :class:`Entry` of ``name``; an unknown name raises listing the valid names."""
         self._ensure()
         try:
             return self._entries[name]
         except KeyError:
             raise RegistryError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names()) or '(none)'}"
             ) from None
 
     def names(self) -> list[str]:
+        """Registered names, in registration order."""
         self._ensure()
         return list(self._entries)
 
@@ -79,3 +109,7 @@ class Registry(Generic[T]):
         """Forget everything and load again on next use (for tests and ``--disable-plugin``)."""
         self._entries.clear()
         self._loaded = self._loader is None
+
+
+def _who(source: str, version: str) -> str:
+    return f"{source} {version}".strip()

@@ -18,6 +18,7 @@ from tensadapt.spec import (
     MODE_ALIASES,
     MODES,
     AdapterSpec,
+    _factorizations,
     axis_names,
     json_schema,
     load_spec,
@@ -420,7 +421,10 @@ def test_json_schema() -> None:
     for name, field in AdapterSpec.model_fields.items():
         assert field.description and len(field.description) > 20, name
         assert props[name]["description"].startswith(field.description)
-    assert props["factorization"]["enum"] == BUILTIN_NAMES
+    # built-ins first, then installed plugins (the test set-up installs tensadapt-tensor-ring)
+    enum = props["factorization"]["enum"]
+    assert enum[: len(BUILTIN_NAMES)] == BUILTIN_NAMES
+    assert enum == _factorizations().names()
     assert props["targets"]["items"]["enum"] == ["q", "k", "v", "o", "up", "gate", "down"]
     assert set(props["modes"]["items"]["enum"]) == {*MODES, *MODE_ALIASES}
     assert "n_cores" in props["options"]["description"]

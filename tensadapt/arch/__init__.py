@@ -22,6 +22,13 @@ from .resolve import ModuleIndex, get_module, resolve_modules
 from .scan import RULES, Rule, scan_model
 
 
+def _registered_families() -> tuple[Family, ...]:
+    """The built-in families and those plugins register (loads plugins on first use)."""
+    from ..plugins import families
+
+    return families()
+
+
 def from_config(config: Any, families: Iterable[Family] | None = None) -> Architecture:
     """The :class:`Architecture` of a ``transformers`` ``PretrainedConfig``, without weights.
 
@@ -29,13 +36,13 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
         config: the config. A known ``model_type`` is read from attributes only; an unknown one
             is instantiated with ``AutoModel.from_config`` on the ``meta`` device (no memory)
             and scanned by module names.
-        families: the family table; default :data:`BUILTIN_FAMILIES` (a plugin registry can
-            pass its own, built-ins included).
+        families: the family table; default: every registered family, the built-in
+            :data:`BUILTIN_FAMILIES` and those plugins add (:func:`tensadapt.plugins.families`).
 
     Raises:
         ArchitectureError: the family is unknown and the model cannot be built or scanned.
     """
-    fams = BUILTIN_FAMILIES if families is None else tuple(families)
+    fams = _registered_families() if families is None else tuple(families)
     model_type = str(getattr(config, "model_type", "") or "")
     family = family_for(model_type, fams)
     if family is not None:
@@ -62,10 +69,14 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
     A known family (by ``model.config.model_type``) uses the first of its layouts whose layer-0
     paths all exist in ``model``; otherwise, or without a config, module names are scanned.
 
+    Args:
+        model: the model.
+        families: the family table; default: every registered family (built-ins and plugins).
+
     Raises:
         ArchitectureError: nothing adaptable is found; the message says what was.
     """
-    fams = BUILTIN_FAMILIES if families is None else tuple(families)
+    fams = _registered_families() if families is None else tuple(families)
     config = getattr(model, "config", None)
     family = family_for(str(getattr(config, "model_type", "") or ""), fams)
     if family is not None:

@@ -1,0 +1,93 @@
+"""Every hook tensadapt calls, in one module (the reference for plugin authors).
+
+A plugin is a module (or any object) with functions named like these hooks and decorated with
+:data:`hookimpl`, made known to tensadapt by an entry point in the group ``tensadapt``::
+
+    # pyproject.toml of the plugin's distribution
+    [project.entry-points.tensadapt]
+    tensor_ring = "tensadapt_tensor_ring"
+
+Each hook takes no arguments and returns a *list* (datasette style); tensadapt calls every
+plugin's implementation separately, so one plugin that raises, returns a duplicate name or a
+class that breaks the interface is reported (plugin name, distribution, version, what failed) and
+left out while the others keep working. The built-in factorizations, families and initialisers
+are registered through these same hooks (:mod:`tensadapt._builtin_plugin`).
+
+Nothing here imports torch or transformers: loading the hook specification is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .arch.families import Family
+    from .factorizations.base import Factorization
+
+#: The pluggy project name and the entry-point group plugins declare.
+PROJECT = "tensadapt"
+
+#: Decorates a hook specification (used in this module only).
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Decorates a plugin's hook implementation: ``@hookimpl def tensadapt_register_...():``.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def tensadapt_register_factorizations() -> list[type[Factorization]]:
+    """Factorizations (decompositions of one update tensor) this plugin provides.
+
+    Returns:
+        a list of :class:`~tensadapt.factorizations.base.Factorization` subclasses. Each is
+        registered under its ``name`` class attribute, the name specs use
+        (``factorization: tensor_ring``). A class must set a non-empty ``name``, implement
+        ``network(axes, rank, options) -> Network``, be constructible without arguments, and keep
+        ``rank_keys``, ``check``, ``options_model`` (a pydantic model), ``inits`` and
+        ``description`` usable; tensadapt checks this on a tiny tensor at load time. Parameter
+        counts, reconstruction, the default zero-update init and the forward contraction are
+        derived from the network, so a class provides nothing else. Check it with
+        :func:`tensadapt.testing.check_factorization`.
+
+    A name already taken (by a built-in or by another plugin loaded earlier) is rejected and
+    reported; the plugin's other entries stay registered.
+    """
+    raise NotImplementedError  # pragma: no cover - specification only
+
+
+@hookspec
+def tensadapt_register_architectures() -> list[Family]:
+    """Model families (architecture adapters) this plugin provides.
+
+    Returns:
+        a list of :class:`~tensadapt.arch.families.Family` entries: the family ``name``, the
+        ``transformers`` ``model_type`` values it covers, the config attribute names of the layer
+        count, width, heads and kv-heads, and one or more :class:`~tensadapt.arch.families.Layout`
+        giving each projection's module path template (``{l}`` = layer index). They are used by
+        :func:`tensadapt.arch.from_config` / :func:`~tensadapt.arch.from_model` and therefore by
+        ``plan``, ``inject`` and ``load_adapter``.
+
+    A family whose name or one of whose ``model_type`` values is already covered is rejected and
+    reported.
+    """
+    raise NotImplementedError  # pragma: no cover - specification only
+
+
+@hookspec
+def tensadapt_register_initializers() -> list[Callable[..., Any]]:
+    """Initialisers (how an adapter's factors start) this plugin provides.
+
+    Returns:
+        a list of callables. Each is registered under its ``name`` attribute when it has one,
+        else under its ``__name__``, and is the name specs use (``init: svd``); its one-line
+        description is its ``description`` attribute or the first line of its docstring. The call
+        signature is the one :mod:`tensadapt.init` defines for initialisers; tensadapt only
+        checks that each item is callable and that its name is free.
+    """
+    raise NotImplementedError  # pragma: no cover - specification only
+
+
+#: The names of every hook, in definition order (the documentation test reads this).
+HOOKS: tuple[str, ...] = tuple(n for n in dict(globals()) if n.startswith(f"{PROJECT}_"))
