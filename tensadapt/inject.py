@@ -58,6 +58,10 @@ def inject(
         base = model.get_submodule(name)
         _set_module(model, name, AdaptedLinear(base, ts, adapter))
     setattr(model, ADAPTER_ATTR, adapter)
+    if p.spec.init != "zeros" or p.spec.base != "fp":
+        from .init import initialize
+
+        initialize(adapted_modules(model), adapter, seed=seed)
     _unfreeze_modules_to_save(model, p.spec.modules_to_save)
     adapter._hook = model.register_forward_pre_hook(_clear_cache_hook)
     return model
@@ -115,7 +119,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then replace every wrapper by its base module and drop the adapter."""
     for name, m in adapted_modules(model):
         m.merge()
-        _set_module(model, name, m.base)
+        to_dense = getattr(m.base, "to_dense_module", None)  # NF4 base -> plain dense module
+        _set_module(model, name, to_dense() if to_dense is not None else m.base)
     ad = getattr(model, ADAPTER_ATTR, None)
     if ad is not None:
         if ad._hook is not None:

@@ -28,6 +28,8 @@ ADAPTER_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.json"
 SAVED_PREFIX = "modules_to_save."
+#: plan.json key recording the residual kind, init and checksums of a residual/NF4 adapter
+RESIDUAL_KEY = "residual"
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
@@ -74,6 +76,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     plan_d = ad.plan.to_dict()
+    if ad.init_report is not None:  # pretrained init / residual / NF4 base: how to rebuild it
+        rep = ad.init_report
+        plan_d[RESIDUAL_KEY] = {
+            "init": rep.init,
+            "residual": rep.residual,
+            "base": rep.base,
+            "rebuilt_from": "base model weights, deterministically (tensadapt.init.initialize)",
+            "checksums": rep.checksums(),
+        }
     # the spec travels inside adapter.safetensors too: that file is the commit point of a save
     # (written first, renamed atomically), so a crash before spec.yaml is rewritten cannot pair
     # new tensors with an old spec
@@ -151,6 +162,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     new_plan = make_plan(spec, model)
     _check_targets(saved_plan, new_plan.to_dict(), str(d / PLAN_FILE))
     inject(model, new_plan)
+    saved_res = saved_plan.get(RESIDUAL_KEY)
+    report = get_adapter(model).init_report
+    if isinstance(saved_res, dict) and report is not None:
+        from .init import check_checksums
+
+        problems = check_checksums(report, saved_res.get("checksums", {}), str(d / PLAN_FILE))
+        if problems:
+            raise AdapterMismatchError("; ".join(problems))
     load_adapter_state(model, state, source=str(d / ADAPTER_FILE))
     return model
 

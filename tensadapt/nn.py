@@ -53,6 +53,7 @@ class TensorAdapter(nn.Module):
             )
         self.dropout = nn.Dropout(plan.spec.dropout) if plan.spec.dropout > 0 else nn.Identity()
         self.enabled = True
+        self.init_report: Any = None  # tensadapt.init.InitReport, set by inject
         self._hook: Any = None
         self._exprs: dict[tuple[str, tuple[tuple[int, ...], ...]], Callable[..., torch.Tensor]] = {}
         self._x_cache: tuple[Any, int, torch.Tensor] | None = None
@@ -229,15 +230,24 @@ class AdaptedLinear(nn.Module):
                 w[a:b, :] += d
 
     def merge(self) -> None:
-        """Add the updates into the base weight; the forward then costs exactly the base's."""
+        """Add the updates into the base weight; the forward then costs exactly the base's.
+        An NF4 base (:class:`~tensadapt.quant.NF4Linear`) first materialises a dense weight."""
         if not self.merged:
+            materialize = getattr(self.base, "materialize", None)
+            if materialize is not None:
+                materialize()
             self._apply_delta(1.0)
             self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract the updates again, restoring the base weight (up to float rounding)."""
+        """Subtract the updates again, restoring the base weight (up to float rounding; an NF4
+        base drops its dense weight and is back to its exact codes)."""
         if self.merged:
-            self._apply_delta(-1.0)
+            release = getattr(self.base, "release", None)
+            if release is not None:
+                release()
+            else:
+                self._apply_delta(-1.0)
             self.merged = False
 
     def extra_repr(self) -> str:

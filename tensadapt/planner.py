@@ -25,6 +25,7 @@ from .arch.base import PROJECTIONS, Architecture, TargetSite
 from .errors import PlanError
 from .factorizations.base import Axis, FactorSpec, nominal_rank
 from .modes import WRITE_PROJECTIONS, out_side, tensor_axes
+from .quant import MemoryPlan, memory_plan
 from .spec import AdapterSpec, get_factorization, load_spec
 
 #: token count used to price contractions per token (paths are re-chosen at run time per shape)
@@ -116,6 +117,8 @@ class Plan:
     lora_flops_per_token: float
     model_params: int | None = None
     extras: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    #: bytes of trainable factors, targeted base weights and frozen residual (see quant.MemoryPlan)
+    memory: MemoryPlan | None = None
 
     def tensor(self, name: str) -> TensorPlan:
         for t in self.tensors:
@@ -246,7 +249,29 @@ def plan(
             sum(2 * r_nom * (t.in_features + t.out_features) for t in targets)
         ),
         model_params=_model_params(model_or_config, arch),
+        memory=memory_plan(
+            [t.in_features * t.out_features for t in targets],
+            sum(t.n_params for t in tensors),
+            spec.residual,
+            spec.base,
+            _weight_dtype(model_or_config),
+        ),
     )
+
+
+def _weight_dtype(model_or_config: Any) -> str:
+    """The base weights' dtype: the model's, the config's ``dtype``, else float32 (from_config)."""
+    if hasattr(model_or_config, "parameters"):
+        for p in model_or_config.parameters():
+            if p.is_floating_point():
+                return str(p.dtype).removeprefix("torch.")
+    cfg = model_or_config
+    if isinstance(cfg, str):
+        from . import arch as arch_mod
+
+        cfg = arch_mod.load_config(cfg)
+    d = getattr(cfg, "dtype", None)
+    return str(d).removeprefix("torch.") if d not in (None, "auto") else "float32"
 
 
 def _group_key(s: TargetSite, modes: Sequence[str]) -> tuple[int, int, int]:
@@ -400,4 +425,6 @@ def format_plan(p: Plan) -> str:
         f"targets: {len(p.targets)} matrices in {len(p.tensors)} tensor(s)"
     )
     extra = "".join(f"\n{k}: {v}" for k, v in p.extras)
+    if p.memory is not None:
+        extra = "".join(f"\n{line}" for line in p.memory.lines()) + extra
     return head + "\n".join(lines) + tail + extra
