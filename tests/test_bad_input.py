@@ -206,7 +206,8 @@ def nan_in_training(d: Path) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(0))
     for step in range(1, 6):
-        loss = model(input_ids=ids).last_hidden_state.pow(2).mean()
+        h = model(input_ids=ids).last_hidden_state
+        loss = (h @ torch.linspace(-1, 1, h.shape[-1])).pow(2).mean()
         if step == 3:
             loss = loss * float("nan")
         loss.backward()
