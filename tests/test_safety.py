@@ -9,10 +9,17 @@ bad snippets, so it cannot pass vacuously.
 from __future__ import annotations
 
 import ast
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
+
+from tensadapt.inject import get_adapter
 
 PICKLE_MODULES = {
     "pickle",
@@ -154,3 +161,141 @@ def test_saved_adapter_is_safetensors_and_text_only(tmp_path: Path) -> None:
     d = ta.save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in d.iterdir()) == ["adapter.safetensors", "plan.json", "spec.yaml"]
     assert (d / "adapter.safetensors").read_bytes()[8:9] == b"{"  # a JSON header, no pickle
+
+
+# -- nothing lost: a save killed mid-way leaves the previous adapter intact ----------------------
+
+SPEC_OLD = {"factorization": "cp", "modes": ["qkv", "depth"], "rank": 4, "alpha": 4}
+SPEC_NEW = {"factorization": "cp", "modes": ["qkv", "depth"], "rank": 64, "alpha": 16}
+
+CHILD = """
+import os, signal, sys
+import torch
+from conftest import build_model, randomize
+import tensadapt as ta
+import tensadapt.io as tio
+
+mode, directory = sys.argv[1], sys.argv[2]
+model = build_model("tiny-bert")
+ta.inject(model, {spec!r})
+randomize(model, seed=99)
+real_save = tio.save_file
+
+def killed_mid_write(state, path, metadata=None):
+    real_save(state, path, metadata=metadata)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:  # only the first half reached the disk
+        fh.truncate(size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def killed_after_commit(path, text):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "mid-write":
+    tio.save_file = killed_mid_write
+elif mode == "after-commit":
+    tio._write_text = killed_after_commit
+ta.save_adapter(model, directory)
+print("save finished: the kill did not happen", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def _old_adapter(d: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    from conftest import build_model, hidden, model_inputs, randomize
+
+    import tensadapt as ta
+
+    model = build_model("tiny-bert")
+    ta.inject(model, SPEC_OLD)
+    randomize(model, seed=1)
+    ta.save_adapter(model, d)
+    return {k: v.clone() for k, v in get_adapter(model).state_dict().items()}, hidden(
+        model, model_inputs(model)
+    )
+
+
+def _kill_save(d: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    code = CHILD.format(spec=SPEC_NEW)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, mode, str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc
+
+
+def test_kill_mid_save_leaves_old_adapter_intact(tmp_path: Path) -> None:
+    """A real SIGKILL while adapter.safetensors is half written: the old adapter loads, unchanged."""
+    from conftest import build_model, hidden, model_inputs
+
+    import tensadapt as ta
+
+    d = tmp_path / "adapter"
+    old_state, old_out = _old_adapter(d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    _kill_save(d, "mid-write")
+    leftovers = [p.name for p in d.iterdir() if p.name not in before]
+    assert all(n.startswith(".adapter.safetensors.") and n.endswith(".tmp") for n in leftovers)
+    assert leftovers, "the kill should have left the half-written temporary file"
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in before} == before
+    model = ta.load_adapter(build_model("tiny-bert"), d)
+    state = get_adapter(model).state_dict()
+    assert all(torch.equal(state[k], old_state[k]) for k in old_state)
+    torch.testing.assert_close(hidden(model, model_inputs(model)), old_out)
+
+
+def test_kill_after_tensors_committed_loads_new_adapter_consistently(tmp_path: Path) -> None:
+    """Killed after adapter.safetensors was renamed into place but before spec.yaml/plan.json: the
+    tensors carry their own spec, so the directory loads the *new* adapter, whole (not new
+    tensors under the old spec's alpha)."""
+    from conftest import build_model
+
+    import tensadapt as ta
+
+    d = tmp_path / "adapter"
+    _old_adapter(d)
+    _kill_save(d, "after-commit")
+    assert "rank: 4" in (d / "spec.yaml").read_text()  # the text files are still the old ones
+    with pytest.warns(UserWarning, match="differs from the spec saved inside"):
+        model = ta.load_adapter(build_model("tiny-bert"), d)
+    assert get_adapter(model).plan.spec.rank == 64 and get_adapter(model).plan.spec.alpha == 16
+
+
+def test_writer_error_mid_save_keeps_old_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that fails after a partial write (disk full): the error propagates, the old
+    adapter is untouched, and no temporary file is left behind."""
+    from conftest import build_model, randomize
+
+    import tensadapt as ta
+    import tensadapt.io as tio
+
+    d = tmp_path / "adapter"
+    old_state, _ = _old_adapter(d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def disk_full(
+        state: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        Path(path).write_bytes(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tio, "save_file", disk_full)
+    model = build_model("tiny-bert")
+    ta.inject(model, SPEC_NEW)
+    randomize(model, seed=5)
+    with pytest.raises(OSError, match="No space left"):
+        ta.save_adapter(model, d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    monkeypatch.undo()
+    loaded = ta.load_adapter(build_model("tiny-bert"), d)
+    assert all(torch.equal(get_adapter(loaded).state_dict()[k], v) for k, v in old_state.items())
