@@ -240,3 +240,13 @@ def test_seed_controls_initialisation(prepared):
     a = train(TUCKER, prepared, FAST, log=None)
     b = train(TUCKER, prepared, TrainOptions(**{**FAST.__dict__, "seed": 1}), log=None)
     assert a["train_loss"] != b["train_loss"]
+
+
+def test_nonfinite_factors_stop_training_with_a_named_error(prepared):
+    from tensadapt.errors import NonFiniteError
+    from tensadapt.numerics import FiniteCheckCallback
+
+    assert any(isinstance(cb, FiniteCheckCallback) for cb in tr._extra_callbacks())
+    blowup = TrainOptions(**{**FAST.__dict__, "lr": 1e30, "max_steps": 3})
+    with pytest.raises(NonFiniteError, match="at step"):
+        train(TUCKER, prepared, blowup, log=None)
