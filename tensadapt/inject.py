@@ -63,7 +63,7 @@ def inject(
 
         initialize(adapted_modules(model), adapter, seed=seed)
     _unfreeze_modules_to_save(model, p.spec.modules_to_save)
-    adapter._hook = model.register_forward_pre_hook(_clear_cache_hook)
+    adapter._hook = adapter.attach(model)  # per-forward cache scope (shared x·P_in, masks)
     return model
 
 
