@@ -48,6 +48,7 @@ import torch
 
 from .errors import PlanError
 from .factorizations.base import Network
+from .hookspecs import hookimpl
 from .modes import out_side
 
 if TYPE_CHECKING:
@@ -293,6 +294,35 @@ def decompose(
     return {k: v.contiguous() for k, v in factors.items()}
 
 
+def svd(
+    factorization: str, net: Network, full: torch.Tensor, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """Factors from the pretrained tensor: truncated SVD (lora), HOSVD/HOOI (tucker), CP-ALS (cp),
+    TT-SVD (tt). Signature of every initialiser: ``(factorization, network, full, gen) -> factors``
+    with ``full`` the stacked pretrained tensor ``[axis sizes...]`` divided by the scaling."""
+    return decompose(factorization, net, full, gen)
+
+
+def mpo(
+    factorization: str, net: Network, full: torch.Tensor, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """DoTA's MPO decomposition of each pretrained matrix (TT-SVD on the (i_k, j_k)-paired
+    reshape), bond ranks truncated to ``rank``."""
+    if factorization != "mpo":
+        raise PlanError(f"init: 'mpo' initialises factorization 'mpo' only, not {factorization!r}")
+    return decompose(factorization, net, full, gen)
+
+
+svd.description = "pretrained weights by SVD / HOSVD-HOOI / CP-ALS / TT-SVD"  # type: ignore[attr-defined]
+mpo.description = "pretrained weights by DoTA's MPO (TT-matrix SVD)"  # type: ignore[attr-defined]
+
+
+@hookimpl
+def tensadapt_register_initializers() -> list[Callable[..., Any]]:
+    """The built-in pretrained initialisers (``zeros`` is the factors' default init)."""
+    return [svd, mpo]
+
+
 # -- applying it to a model ---------------------------------------------------------------------
 @dataclass
 class ModuleReport:
@@ -367,13 +397,16 @@ def initialize(
     report = InitReport(spec.init, spec.residual, spec.base)
     pretrained = spec.init != "zeros"
     if pretrained:
+        from .plugins import initializer_registry
+
+        initializer = initializer_registry().get(spec.init)
         mats = {t.key: target_matrix(t, m.weight) for _, m in modules for t in m.targets}
         gen = torch.Generator().manual_seed(INIT_SEED if seed is None else seed)
         for tp in plan.tensors:
             ts = [t for t in plan.targets if t.tensor == tp.name]
             full = pretrained_tensor(tp, ts, mats) / adapter.scaling
             net = Network(tp.factors, tp.axis_legs, tp.leg_sizes, tp.zero_factor)
-            factors = decompose(spec.factorization, net, full, gen)
+            factors = initializer(spec.factorization, net, full, gen)
             params: torch.nn.ParameterDict = adapter.factors[tp.name]  # type: ignore[assignment]
             for name, value in factors.items():
                 p = params[name]
