@@ -161,17 +161,34 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         spec = load_spec(meta["spec"], source_name=f"{d / ADAPTER_FILE} (embedded spec)")
     new_plan = make_plan(spec, model)
     _check_targets(saved_plan, new_plan.to_dict(), str(d / PLAN_FILE))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     inject(model, new_plan)
-    saved_res = saved_plan.get(RESIDUAL_KEY)
-    report = get_adapter(model).init_report
-    if isinstance(saved_res, dict) and report is not None:
-        from .init import check_checksums
+    try:
+        saved_res = saved_plan.get(RESIDUAL_KEY)
+        report = get_adapter(model).init_report
+        if isinstance(saved_res, dict) and report is not None:
+            from .init import check_checksums
 
-        problems = check_checksums(report, saved_res.get("checksums", {}), str(d / PLAN_FILE))
-        if problems:
-            raise AdapterMismatchError("; ".join(problems))
-    load_adapter_state(model, state, source=str(d / ADAPTER_FILE))
+            problems = check_checksums(report, saved_res.get("checksums", {}), str(d / PLAN_FILE))
+            if problems:
+                raise AdapterMismatchError("; ".join(problems))
+        load_adapter_state(model, state, source=str(d / ADAPTER_FILE))
+    except BaseException:
+        _rollback(model, flags)
+        raise
     return model
+
+
+def _rollback(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Undo a failed load: the factors still hold their init, so merging them back and unwrapping
+    gives the base model again (exactly for a zero init; to float rounding for a frozen residual,
+    to the NF4 error for an NF4 one); the parameters' ``requires_grad`` flags are restored."""
+    from .inject import merge_and_unload
+
+    merge_and_unload(model)
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -242,6 +259,7 @@ def load_adapter_state(
             f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     saved_modules = dict(model.named_parameters())
+    copies: list[tuple[nn.Parameter, torch.Tensor]] = []
     for k, v in state.items():
         if k.startswith(SAVED_PREFIX):
             name = k[len(SAVED_PREFIX) :]
@@ -265,5 +283,7 @@ def load_adapter_state(
                 f"{source}: tensor {k!r} holds NaN or inf values (corrupted, or saved after "
                 "training diverged)"
             )
-        with torch.no_grad():
-            target.copy_(v.to(target.dtype))
+        copies.append((target, v))
+    with torch.no_grad():  # copy only once every tensor passed: a bad file changes nothing
+        for dst, v in copies:
+            dst.copy_(v.to(dst.dtype))

@@ -233,3 +233,34 @@ def test_load_adapter_refuses_other_model(tmp_path) -> None:
     ta.save_adapter(model, tmp_path / "ad")
     with pytest.raises(ta.AdapterMismatchError, match="n_layers|hidden_size|family"):
         ta.load_adapter(build_model("tiny-gpt2"), tmp_path / "ad")
+
+
+def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = build_model("tiny-bert")
+    inputs = model_inputs(model)
+    ta.inject(model, _spec("cp", ["qkv", "depth"], ("q", "k", "v")), seed=0)
+    randomize(model)
+    ta.save_adapter(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter.safetensors"
+    state = load_file(str(path))
+    key = next(iter(state))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(path), metadata={"format_version": "1", "tensadapt": "adapter"})
+
+    fresh = build_model("tiny-bert")
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    flags = {n: p.requires_grad for n, p in fresh.named_parameters()}
+    with torch.no_grad():
+        out = hidden(fresh, inputs)
+    with pytest.raises(ta.AdapterMismatchError, match="NaN"):
+        ta.load_adapter(fresh, tmp_path / "ad")
+    assert not adapted_modules(fresh) and not hasattr(fresh, "tensadapt_adapter")
+    after = dict(fresh.named_parameters())
+    assert set(after) == set(before)
+    for n, p in after.items():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(fresh, inputs), out, rtol=0, atol=0)
