@@ -170,14 +170,19 @@ COMMANDS.append(add_plugins)
 # -- export --------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_merged, export_peft_lora, load_base_model
-    from .io import load_adapter
+    from .io import load_adapter, read_plan_file
 
     src = Path(args.adapter)
     if not src.exists():
         raise UsageError(f"{args.adapter}: no such adapter directory")
     if not src.is_dir():
         raise UsageError(f"{args.adapter}: is a file, expected an adapter directory")
-    model = load_base_model(args.model, seed=args.seed, model_class=args.model_class)
+    saved = read_plan_file(src)  # default to the head the adapter was trained with
+    model_class = args.model_class or saved.get("model_class")
+    num_labels = saved.get("num_labels") if model_class == saved.get("model_class") else None
+    model = load_base_model(
+        args.model, seed=args.seed, model_class=model_class, num_labels=num_labels
+    )
     load_adapter(model, src)
     if args.to == "merged":
         out = export_merged(model, args.out, inplace=True)

@@ -402,7 +402,9 @@ def _copy(model: nn.Module) -> Any:
 # -- rebuilding the base model (CLI) ---------------------------------------------------------------
 
 
-def load_base_model(model: str, *, seed: int = 0, model_class: str | None = None) -> nn.Module:
+def load_base_model(
+    model: str, *, seed: int = 0, model_class: str | None = None, num_labels: int | None = None
+) -> nn.Module:
     """The base model an adapter was trained on, rebuilt for export.
 
     Args:
@@ -413,6 +415,7 @@ def load_base_model(model: str, *, seed: int = 0, model_class: str | None = None
         model_class: a ``transformers`` class name, e.g. ``AutoModelForSequenceClassification``
             or ``BertForSequenceClassification``; default: the config's ``architectures[0]`` for
             a local directory, ``AutoModel`` for a preset.
+        num_labels: size of a classification head (as recorded by ``save_adapter``).
     Returns:
         the model, in eval mode.
     Raises:
@@ -424,6 +427,8 @@ def load_base_model(model: str, *, seed: int = 0, model_class: str | None = None
     from .arch import PRESETS, load_config
 
     config = load_config(model)
+    if num_labels is not None:
+        config.num_labels = num_labels
     is_preset = model in PRESETS and not Path(model).exists()
     name = model_class or (
         "AutoModel" if is_preset else ((getattr(config, "architectures", None) or ["AutoModel"])[0])

@@ -76,6 +76,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     plan_d = ad.plan.to_dict()
+    # which head the adapter was trained with, so `tensadapt export` can rebuild the same model
+    plan_d["model_class"] = type(model).__name__
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(num_labels, int):
+        plan_d["num_labels"] = num_labels
     if ad.init_report is not None:  # pretrained init / residual / NF4 base: how to rebuild it
         rep = ad.init_report
         plan_d[RESIDUAL_KEY] = {
