@@ -449,7 +449,7 @@ def load_base_model(
             torch.manual_seed(seed)
             built = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
         else:
-            built = getattr(cls, "from_pretrained")(model, local_files_only=True)  # noqa: B009
+            built = getattr(cls, "from_pretrained")(model, config=config, local_files_only=True)  # noqa: B009
     except ExportError:
         raise
     except (OSError, ValueError, TypeError) as exc:

@@ -120,3 +120,23 @@ def test_schema_is_json(capsys) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "rank" in schema["properties"]
+
+
+def test_export_rebuilds_the_trained_head(tmp_path, capsys) -> None:
+    """A base saved as BertModel, trained with a 3-way classification head: `tensadapt export`
+    rebuilds that head from what save_adapter recorded, without --model-class."""
+    import torch
+    from conftest import build_model
+    from transformers import AutoModelForSequenceClassification
+
+    import tensadapt as ta
+
+    base_dir = tmp_path / "base"
+    build_model("tiny-bert").save_pretrained(base_dir)  # config.architectures == ["BertModel"]
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    ta.inject(clf, {"factorization": "cp", "modes": ["qkv", "depth"], "rank": 2, "modules_to_save": ["classifier"]}, seed=0)
+    ta.save_adapter(clf, tmp_path / "ad")
+    rc = main(["export", str(tmp_path / "ad"), "--to", "peft-lora", "--model", str(base_dir), "--out", str(tmp_path / "peft")])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
