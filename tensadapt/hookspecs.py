@@ -54,7 +54,7 @@ def tensadapt_register_factorizations() -> list[type[Factorization]]:
     A name already taken (by a built-in or by another plugin loaded earlier) is rejected and
     reported; the plugin's other entries stay registered.
     """
-    raise NotImplementedError  # pragma: no cover - specification only
+    return []  # a specification: pluggy calls the plugins' implementations, never this body
 
 
 @hookspec
@@ -72,7 +72,7 @@ def tensadapt_register_architectures() -> list[Family]:
     A family whose name or one of whose ``model_type`` values is already covered is rejected and
     reported.
     """
-    raise NotImplementedError  # pragma: no cover - specification only
+    return []  # a specification: pluggy calls the plugins' implementations, never this body
 
 
 @hookspec
@@ -83,10 +83,11 @@ def tensadapt_register_initializers() -> list[Callable[..., Any]]:
         a list of callables. Each is registered under its ``name`` attribute when it has one,
         else under its ``__name__``, and is the name specs use (``init: svd``); its one-line
         description is its ``description`` attribute or the first line of its docstring. The call
-        signature is the one :mod:`tensadapt.init` defines for initialisers; tensadapt only
-        checks that each item is callable and that its name is free.
+        signature is ``(factorization_name, network, full, generator) -> {factor name: tensor}``,
+        ``full`` being the stacked pretrained tensor divided by the update's scaling (see
+        :func:`tensadapt.init.svd`); tensadapt checks that each item is callable and its name free.
     """
-    raise NotImplementedError  # pragma: no cover - specification only
+    return []  # a specification: pluggy calls the plugins' implementations, never this body
 
 
 #: The names of every hook, in definition order (the documentation test reads this).

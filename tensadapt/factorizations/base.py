@@ -10,6 +10,7 @@ formats (built-in or plugin).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def make_network(
     )
 
 
-class Factorization:
+class Factorization(abc.ABC):
     """Base class of every format. Subclasses set ``name`` and implement :meth:`network`.
 
     Class attributes:
@@ -139,9 +140,9 @@ class Factorization:
         """Keys a ``rank:`` mapping may use for a tensor with these axis names; ``()`` = int only."""
         return ()
 
+    @abc.abstractmethod
     def network(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> Network:
         """The tensor network for one tensor with these axes. Shapes: see :class:`Network`."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def check(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> list[str]:
         """Problems with this rank/options for these axes (empty when fine). Override to add."""
