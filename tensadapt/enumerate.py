@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanError, SpecError, TensadaptError
+from .errors import PlanError, SpecError, TensadaptError, first_line
 from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
 from .spec import MODES, AdapterSpec, _factorizations, get_factorization, load_spec, spec_to_yaml
@@ -442,7 +442,7 @@ def enumerate_configs(
                     r = isorank
                 p = plan(load_spec(base_spec(fname, ms, r)), config)
             except (PlanError, SpecError, ValueError) as e:
-                skipped.append((label, f"cannot be planned: {str(e).splitlines()[0]}"))
+                skipped.append((label, f"cannot be planned: {first_line(e)}"))
                 continue
             sig = (
                 fname,

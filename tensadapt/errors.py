@@ -17,6 +17,13 @@ class Problem:
         return f"{self.path or '<spec>'}: {self.message}"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its class name
+    when it has no message: what to quote of a library's error inside a tensadapt error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class TensadaptError(Exception):
     """Base class of every error tensadapt raises on purpose."""
 

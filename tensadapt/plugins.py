@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pluggy
 
 from . import hookspecs
-from .errors import RegistryError
+from .errors import RegistryError, first_line
 from .hookspecs import HOOKS, PROJECT, hookimpl
 from .registry import Entry, Registry
 
@@ -509,8 +509,8 @@ def _fail(st: _State, src: _Source, what: str, entry: str = "") -> None:
 
 
 def _exc(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = first_line(exc, 300)
+    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
 
 
 def _first_line(doc: str | None) -> str:

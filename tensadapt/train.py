@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .errors import TensadaptError
+from .errors import TensadaptError, first_line
 from .spec import AdapterSpec, load_spec, spec_to_yaml
 
 #: modules of a task model that are new (randomly initialised) heads and so must be trained
@@ -257,7 +257,7 @@ def _read_hf(src: str, opts: DataOptions, task: str, what: str) -> Split:
 
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(
             f"{what} {src}: cannot load Hugging Face dataset {name!r}"
             f"{f' config {config!r}' if config else ''} split {split!r} (offline, or no such "

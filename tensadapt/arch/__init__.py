@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, first_line
 from .base import ATTENTION_PROJECTIONS, PROJECTIONS, Architecture, TargetSite
 from .families import BUILTIN_FAMILIES, Family, Layout, family_for, known_model_types
 from .presets import PRESETS, load_config, preset_config
@@ -54,7 +54,7 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
         with torch.device("meta"):
             model = AutoModel.from_config(config)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ArchitectureError(
             f"model_type {model_type!r} is not a known family "
             f"({', '.join(known_model_types(fams))}) and AutoModel cannot build it to scan "
