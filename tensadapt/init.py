@@ -405,7 +405,7 @@ def initialize(
         for tp in plan.tensors:
             ts = [t for t in plan.targets if t.tensor == tp.name]
             full = pretrained_tensor(tp, ts, mats) / adapter.scaling
-            net = Network(tp.factors, tp.axis_legs, tp.leg_sizes, tp.zero_factor)
+            net = tp.network
             factors = initializer(spec.factorization, net, full, gen)
             params: torch.nn.ParameterDict = adapter.factors[tp.name]  # type: ignore[assignment]
             for name, value in factors.items():

@@ -42,7 +42,7 @@ class TensorAdapter(nn.Module):
         self.scaling = float(plan.spec.scaling)
         self.factors = nn.ModuleDict()
         for tp in plan.tensors:
-            net_init = default_init(_network(tp), generator=generator)
+            net_init = default_init(tp.network, generator=generator)
             self.factors[tp.name] = nn.ParameterDict(
                 {
                     f.name: nn.Parameter(
@@ -452,12 +452,6 @@ def _scaled(ops: list[torch.Tensor], scaling: float) -> list[torch.Tensor]:
         return ops
     i = min(range(len(ops)), key=lambda k: ops[k].numel())
     return [o * scaling if k == i else o for k, o in enumerate(ops)]
-
-
-def _network(tp: Any) -> Any:
-    from .factorizations.base import Network
-
-    return Network(tp.factors, tp.axis_legs, tp.leg_sizes, tp.zero_factor)
 
 
 class AdaptedLinear(nn.Module):

@@ -23,7 +23,7 @@ import opt_einsum as oe
 
 from .arch.base import PROJECTIONS, Architecture, TargetSite
 from .errors import PlanError
-from .factorizations.base import Axis, FactorSpec, nominal_rank
+from .factorizations.base import Axis, FactorSpec, Network, nominal_rank
 from .modes import WRITE_PROJECTIONS, out_side, tensor_axes
 from .quant import MemoryPlan, memory_plan
 from .spec import AdapterSpec, get_factorization, load_spec
@@ -88,6 +88,11 @@ class TensorPlan:
     leg_sizes: tuple[tuple[str, int], ...]
     zero_factor: str
     n_params: int
+
+    @property
+    def network(self) -> Network:
+        """The factorization's :class:`Network` this tensor was planned from."""
+        return Network(self.factors, self.axis_legs, self.leg_sizes, self.zero_factor)
 
     def axis_size(self, name: str) -> int:
         return {a.name: a.size for a in self.axes}[name]

@@ -289,7 +289,6 @@ def _check_case(fact: Factorization, spec: dict[str, Any], kind: str, case: str)
     import tensadapt as ta
 
     from .inject import adapted_modules, get_adapter
-    from .nn import _network
 
     model = synthetic_model(kind)
     inputs = _inputs(model)
@@ -319,7 +318,7 @@ def _check_case(fact: Factorization, spec: dict[str, Any], kind: str, case: str)
 
     # 2. zero-update init
     for tp in plan.tensors:
-        full = reconstruct(_network(tp), _factor_dict(adapter, tp.name))
+        full = reconstruct(tp.network, _factor_dict(adapter, tp.name))
         if full.abs().max().item() != 0.0:
             raise _fail(case, "zero-update init", f"tensor {tp.name} reconstructs to non-zero")
     with torch.no_grad():
@@ -398,7 +397,6 @@ def _randomize(adapter: Any, scale: float = 0.3) -> None:
 
 def _module_delta(module: Any, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(module(x) - base(x), Σ_t scaling · x·S_t)`` for a random ``x`` (S from reconstruct)."""
-    from .nn import _network
 
     t0 = module.targets[0]
     width = t0.in_features  # every target of one module reads the same input
@@ -407,7 +405,7 @@ def _module_delta(module: Any, adapter: Any) -> tuple[torch.Tensor, torch.Tensor
     want = torch.zeros_like(got)
     for t in module.targets:
         tp = adapter.plan.tensor(t.tensor)
-        full = reconstruct(_network(tp), _factor_dict(adapter, tp.name))
+        full = reconstruct(tp.network, _factor_dict(adapter, tp.name))
         s = _target_matrix(tp, t, full)
         a, b = t.out_slice or (0, got.shape[-1])
         want[:, a:b] += adapter.scaling * (x @ s)
