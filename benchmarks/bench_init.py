@@ -39,7 +39,7 @@ def bench_init() -> list[str]:
 
     from tensadapt.factorizations.base import Network
     from tensadapt.init import decompose, pretrained_tensor, target_matrix
-    from tensadapt.inject import adapted_modules
+    from tensadapt.model import adapted_modules
     from tensadapt.planner import plan
 
     model = build()
@@ -109,7 +109,7 @@ def _time(fn, reps: int) -> float:
 
 def bench_forward(batch: int = 8, seq: int = 128, reps: int = 7) -> list[str]:
     import tensadapt as ta
-    from tensadapt.inject import get_adapter
+    from tensadapt.model import get_adapter
 
     base = build()
     spec = dict(

@@ -1,34 +1,56 @@
 """tensadapt: tensor-factorized parameter-efficient fine-tuning for Hugging Face transformers.
 
 Data flow: ``load_spec`` → ``plan`` → ``inject`` → train → ``merge`` / ``save_adapter``.
+
+Names are imported on first use (PEP 562), so ``import tensadapt`` and the spec commands of the
+CLI (``validate``, ``schema``, ``--help``) never import torch or transformers.
 """
 
 from __future__ import annotations
 
-from .errors import AdapterMismatchError, PlanError, SpecError
-from .export import export_peft_lora
-from .inject import inject, merge, merge_and_unload, trainable_parameters, unmerge
-from .io import load_adapter, save_adapter
-from .planner import Plan, plan
-from .spec import AdapterSpec, load_spec
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterMismatchError",
-    "AdapterSpec",
-    "Plan",
-    "PlanError",
-    "SpecError",
-    "__version__",
-    "export_peft_lora",
-    "inject",
-    "load_adapter",
-    "load_spec",
-    "merge",
-    "merge_and_unload",
-    "plan",
-    "save_adapter",
-    "trainable_parameters",
-    "unmerge",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "AdapterMismatchError": "errors",
+    "PlanError": "errors",
+    "SpecError": "errors",
+    "AdapterSpec": "spec",
+    "load_spec": "spec",
+    "Plan": "planner",
+    "plan": "planner",
+    "export_peft_lora": "export",
+    "inject": "model",
+    "merge": "model",
+    "merge_and_unload": "model",
+    "trainable_parameters": "model",
+    "unmerge": "model",
+    "load_adapter": "io",
+    "save_adapter": "io",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from .errors import AdapterMismatchError, PlanError, SpecError
+    from .export import export_peft_lora
+    from .model import inject, merge, merge_and_unload, trainable_parameters, unmerge
+    from .io import load_adapter, save_adapter
+    from .planner import Plan, plan
+    from .spec import AdapterSpec, load_spec
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tensadapt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

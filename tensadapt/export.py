@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .inject import adapted_modules, get_adapter, merge_and_unload
+from .model import adapted_modules, get_adapter, merge_and_unload
 from .io import atomic_write
 from .modes import out_side
 from .nn import AdaptedLinear, TensorAdapter

@@ -26,7 +26,7 @@ that the spec targets, stacked into the same tensor as the update:
    When a bond is larger than the decomposition can fill (rank > a mode's size), the factor is
    padded: one side of the bond gets zeros, the other small noise, so the reconstruction is unchanged
    and gradients still reach the padded entries.
-3. :func:`initialize` (called by :func:`~tensadapt.inject`) copies the factors into the adapter and
+3. :func:`initialize` (called by :func:`~tensadapt.model`) copies the factors into the adapter and
    replaces each targeted base weight by the residual ``W0 − ΔW(init)`` (``residual: frozen``), by
    that residual in NF4 (``residual: nf4``, :class:`~tensadapt.quant.NF4Linear`), or, for
    ``base: nf4`` with ``init: zeros``, by ``W0`` in NF4. The figures (approximation error of the init,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .inject import get_adapter, inject
+from .model import get_adapter, inject
 from .nn import factor_items
 from .planner import FORMAT_VERSION
 from .spec import load_spec, spec_to_yaml
@@ -188,7 +188,7 @@ def _rollback(model: nn.Module, flags: dict[str, bool]) -> None:
     """Undo a failed load: the factors still hold their init, so merging them back and unwrapping
     gives the base model again (exactly for a zero init; to float rounding for a frozen residual,
     to the NF4 error for an NF4 one); the parameters' ``requires_grad`` flags are restored."""
-    from .inject import merge_and_unload
+    from .model import merge_and_unload
 
     merge_and_unload(model)
     for n, p in model.named_parameters():

@@ -35,7 +35,7 @@ TOLERANCES: dict[str, float] = {"bfloat16": 3e-2, "float16": 5e-3}
 
 def _named_factors(model_or_adapter: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``("tensor.factor", parameter)`` for every factor, plus ``modules_to_save`` parameters."""
-    from .inject import ADAPTER_ATTR
+    from .model import ADAPTER_ATTR
     from .nn import TensorAdapter, factor_items
 
     # the adapter itself, the model's, or one inside a wrapper (DDP/FSDP, a Trainer-side module)

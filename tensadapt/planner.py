@@ -167,7 +167,7 @@ class TargetPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything :func:`~tensadapt.inject` needs, as pure data. Prints itself as a table."""
+    """Everything :func:`~tensadapt.model` needs, as pure data. Prints itself as a table."""
 
     spec: AdapterSpec
     architecture: dict[str, Any]

@@ -645,7 +645,7 @@ def train(
     from transformers import default_data_collator as default_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .inject import get_adapter, inject, merge, trainable_parameters, unmerge
+    from .model import get_adapter, inject, merge, trainable_parameters, unmerge
     from .io import atomic_write, save_adapter
 
     opts = opts or TrainOptions()

@@ -56,7 +56,7 @@ def hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 def randomize(model: torch.nn.Module, scale: float = 0.2, seed: int = 3) -> None:
     """Give every adapter factor random non-zero values (so updates are non-trivial)."""
-    from tensadapt.inject import get_adapter
+    from tensadapt.model import get_adapter
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

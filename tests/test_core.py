@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, build_model, hidden, model_inputs, randomize
 
 import tensadapt as ta
-from tensadapt.inject import adapted_modules, get_adapter
+from tensadapt.model import adapted_modules, get_adapter
 
 FACTORIZATIONS = ["lora", "cp", "tucker", "tt", "mpo"]
 MODE_SUBSETS = [

@@ -14,7 +14,7 @@ import tensadapt as ta
 from tensadapt.cli import main
 from tensadapt.errors import ExportError
 from tensadapt.export import exact_lowrank, export_merged, export_peft_lora
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 
 peft = pytest.importorskip("peft")
 SPECS = ROOT / "specs"

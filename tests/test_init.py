@@ -15,7 +15,7 @@ from tensadapt.errors import AdapterMismatchError, SpecError
 from tensadapt.factorizations import MPO, Axis, reconstruct
 from tensadapt.factorizations.mpo import MPOOptions, balanced_factors
 from tensadapt.init import decompose, pad_to, target_matrix
-from tensadapt.inject import adapted_modules, get_adapter
+from tensadapt.model import adapted_modules, get_adapter
 from tensadapt.planner import get_factorization, plan
 from tensadapt.quant import NF4Linear
 

@@ -11,7 +11,7 @@ from test_contraction import synthetic_arch
 
 import tensadapt as ta
 from tensadapt.errors import TensadaptError
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 from tensadapt.nn import TensorAdapter
 from tensadapt.numerics import TOLERANCES, relative_error
 from tensadapt.planner import Plan, plan

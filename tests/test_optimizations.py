@@ -16,7 +16,7 @@ from conftest import build_model, model_inputs
 from torch import nn
 
 import tensadapt as ta
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 from tensadapt.nn import TensorAdapter
 from tensadapt.planner import plan, route_path_flops
 

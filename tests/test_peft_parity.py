@@ -7,7 +7,7 @@ import torch
 from conftest import build_model, hidden, model_inputs
 
 import tensadapt as ta
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 
 PICKLE_MODULES = {
     "pickle",

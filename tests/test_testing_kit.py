@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import tensadapt as ta
 from tensadapt import plugins
 from tensadapt.factorizations.base import Factorization, default_init, make_network, reconstruct
-from tensadapt.inject import get_adapter
+from tensadapt.model import get_adapter
 from tensadapt.testing import ConformanceError, check_factorization, ranks, specs, tensor_shapes
 
 #: options a format needs on the tiny synthetic models (width 16)

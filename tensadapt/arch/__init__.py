@@ -10,16 +10,38 @@ each site's module in a concrete model, whatever its task head prefix.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError, first_line
 from .base import ATTENTION_PROJECTIONS, PROJECTIONS, Architecture, TargetSite
 from .families import BUILTIN_FAMILIES, Family, Layout, family_for, known_model_types
 from .presets import PRESETS, load_config, preset_config
-from .resolve import ModuleIndex, get_module, resolve_modules
-from .scan import RULES, Rule, scan_model
+
+if TYPE_CHECKING:  # torch-bound helpers load on first use: reading a family table needs no torch
+    from torch import nn
+
+    from .resolve import ModuleIndex, get_module, resolve_modules
+    from .scan import RULES, Rule, scan_model
+
+_LAZY = {
+    "ModuleIndex": "resolve",
+    "get_module": "resolve",
+    "resolve_modules": "resolve",
+    "RULES": "scan",
+    "Rule": "scan",
+    "scan_model": "scan",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tensadapt.arch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def _registered_families() -> tuple[Family, ...]:
@@ -60,6 +82,8 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
             f"({', '.join(known_model_types(fams))}) and AutoModel cannot build it to scan "
             f"its modules: {reason}"
         ) from exc
+    from .scan import scan_model
+
     return scan_model(model, config)
 
 
@@ -79,6 +103,9 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
     fams = _registered_families() if families is None else tuple(families)
     config = getattr(model, "config", None)
     family = family_for(str(getattr(config, "model_type", "") or ""), fams)
+    from .resolve import ModuleIndex
+    from .scan import scan_model
+
     if family is not None:
         index = ModuleIndex(model)
         for layout in family.layouts:

@@ -14,11 +14,13 @@ import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import opt_einsum as oe
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: validating a spec needs no torch
+    import torch
 
 Rank = int | Mapping[str, int]
 
@@ -197,6 +199,8 @@ def reconstruct(network: Network, factors: Mapping[str, torch.Tensor]) -> torch.
     """
     out_legs = [leg for _, legs in network.axis_legs for leg in legs]
     eq, names = equation(network, out_legs)
+    import torch  # noqa: F401  (the torch backend of opt_einsum)
+
     full = oe.contract(eq, *[factors[n] for n in names], backend="torch")
     sizes = dict(network.leg_sizes)
     axis_sizes = [math.prod(sizes[leg] for leg in legs) for _, legs in network.axis_legs]
@@ -210,6 +214,8 @@ def default_init(
     ``±1/sqrt(in)``; every other factor is normal with std ``1/sqrt(fan)``, fan being the product
     of its bond sizes but the largest, so products of factors keep unit scale. Update == 0 exactly.
     """
+    import torch
+
     axis_leg_names = {leg for _, legs in network.axis_legs for leg in legs}
     in_legs = set(dict(network.axis_legs).get(in_axis, ()))
     sizes = dict(network.leg_sizes)
