@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError, first_line
-from .base import ATTENTION_PROJECTIONS, PROJECTIONS, Architecture, TargetSite
+from .base import ATTENTION_PROJECTIONS, PROJECTIONS, Architecture, Fused, TargetSite
 from .families import BUILTIN_FAMILIES, Family, Layout, family_for, known_model_types
 from .presets import PRESETS, load_config, preset_config
 
@@ -122,6 +122,7 @@ __all__ = [
     "RULES",
     "Architecture",
     "Family",
+    "Fused",
     "Layout",
     "ModuleIndex",
     "Rule",

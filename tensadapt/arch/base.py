@@ -15,6 +15,54 @@ ATTENTION_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 
 
 @dataclass(frozen=True)
+class Fused:
+    """Where one projection's output rows sit inside a fused module's output.
+
+    The fused output dimension, read row-major as ``[groups, slots, unit]``, gives this projection
+    the slots ``start:stop`` of every group; the projection's own output index
+    ``(group, slot - start, i)``, flattened row-major, is the model's own order (head-major for
+    q, k and v). One description covers every fused layout:
+
+    - column blocks (GPT-2's ``c_attn`` = q | k | v, each d wide; Phi-3's ``gate_up_proj``):
+      ``groups=1, slots=3, unit=d``, q ``0:1``, k ``1:2``, v ``2:3``;
+    - per-head interleaving (BLOOM, GPT-NeoX: ``[H, (q, k, v), head_dim]``):
+      ``groups=H, slots=3, unit=head_dim``;
+    - grouped / multi-query per group (``[G, (H/G queries, k, v), head_dim]``):
+      ``groups=G, slots=H/G + 2, unit=head_dim``, q ``0:H/G``, k ``H/G:H/G+1``, v the last slot;
+    - unequal column blocks (multi-query q | k | v with one kv-head):
+      ``groups=1, slots=H + 2, unit=head_dim``, q ``0:H``, k ``H:H+1``, v ``H+1:H+2``.
+
+    Attributes:
+        groups, slots, unit: the fused output dimension as ``[groups, slots, unit]``.
+        start, stop: this projection's slots in every group.
+    """
+
+    groups: int
+    slots: int
+    unit: int
+    start: int
+    stop: int
+
+    @property
+    def width(self) -> int:
+        """The fused module's whole output width."""
+        return self.groups * self.slots * self.unit
+
+    @property
+    def out_features(self) -> int:
+        """This projection's output width."""
+        return self.groups * (self.stop - self.start) * self.unit
+
+    @property
+    def columns(self) -> tuple[int, int] | None:
+        """The contiguous output columns ``(start, stop)`` of this projection when it has one
+        block (``groups == 1``), else ``None``."""
+        if self.groups != 1:
+            return None
+        return (self.start * self.unit, self.stop * self.unit)
+
+
+@dataclass(frozen=True)
 class TargetSite:
     """One weight matrix of one layer.
 
@@ -26,8 +74,9 @@ class TargetSite:
             whose full name equals it or ends with ``"." + module``.
         in_features: input width of this projection.
         out_features: output width of this projection (the slice width for fused modules).
-        out_slice: for a fused module (GPT-2 ``c_attn``), the ``(start, stop)`` output columns that
-            belong to this projection; ``None`` when the module is this projection alone.
+        fused: for a fused module (GPT-2 ``c_attn``, BLOOM ``query_key_value``), where this
+            projection's rows sit in its output (:class:`Fused`); ``None`` when the module is this
+            projection alone.
         layout: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (GPT-2 style, weight ``[in, out]``).
         head_side: which side is head-structured: ``"out"`` for q/k/v, ``"in"`` for o,
             ``None`` for MLP projections.
@@ -39,10 +88,15 @@ class TargetSite:
     module: str
     in_features: int
     out_features: int
-    out_slice: tuple[int, int] | None = None
+    fused: Fused | None = None
     layout: Literal["linear", "conv1d"] = "linear"
     head_side: Literal["out", "in"] | None = None
     n_heads: int = 0
+
+    @property
+    def out_slice(self) -> tuple[int, int] | None:
+        """The contiguous output columns of a column-block fused projection, else ``None``."""
+        return self.fused.columns if self.fused is not None else None
 
 
 @dataclass(frozen=True)

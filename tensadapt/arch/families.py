@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ArchitectureError
-from .base import PROJECTIONS, Architecture, TargetSite
+from .base import PROJECTIONS, Architecture, Fused, TargetSite
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class Family:
                         module=paths[proj].format(l=layer),
                         in_features=d_in,
                         out_features=d_out,
-                        out_slice=slices.get(proj),
+                        fused=slices.get(proj),
                         layout=self.weight_layout,
                         head_side=side,
                         n_heads=heads,
@@ -178,20 +178,19 @@ def first_attr(config: Any, names: Iterable[str]) -> Any:
     return None
 
 
-def _fused_slices(
-    paths: Mapping[str, str], widths: Mapping[str, int]
-) -> dict[str, tuple[int, int]]:
-    """Output column ranges of projections that share a module path, stacked in listed order."""
+def _fused_slices(paths: Mapping[str, str], widths: Mapping[str, int]) -> dict[str, Fused]:
+    """Column blocks of projections that share a module path, stacked in listed order."""
     by_path: dict[str, list[str]] = {}
     for proj, template in paths.items():
         by_path.setdefault(template, []).append(proj)
-    slices: dict[str, tuple[int, int]] = {}
+    slices: dict[str, Fused] = {}
     for projs in by_path.values():
         if len(projs) < 2:
             continue
+        total = sum(widths[p] for p in projs)
         start = 0
         for proj in projs:
-            slices[proj] = (start, start + widths[proj])
+            slices[proj] = Fused(1, total, 1, start, start + widths[proj])
             start += widths[proj]
     return slices
 
