@@ -32,13 +32,30 @@ _EXPORTS: dict[str, str] = {
     "save_adapter": "io",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "AdapterMismatchError",
+    "AdapterSpec",
+    "Plan",
+    "PlanError",
+    "SpecError",
+    "__version__",
+    "export_peft_lora",
+    "inject",
+    "load_adapter",
+    "load_spec",
+    "merge",
+    "merge_and_unload",
+    "plan",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]
 
 if TYPE_CHECKING:
     from .errors import AdapterMismatchError, PlanError, SpecError
     from .export import export_peft_lora
-    from .model import inject, merge, merge_and_unload, trainable_parameters, unmerge
     from .io import load_adapter, save_adapter
+    from .model import inject, merge, merge_and_unload, trainable_parameters, unmerge
     from .planner import Plan, plan
     from .spec import AdapterSpec, load_spec
 

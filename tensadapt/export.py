@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .model import adapted_modules, get_adapter, merge_and_unload
 from .io import atomic_write
+from .model import adapted_modules, get_adapter, merge_and_unload
 from .modes import out_side
 from .nn import AdaptedLinear, TensorAdapter
 from .planner import TargetPlan

@@ -645,8 +645,8 @@ def train(
     from transformers import default_data_collator as default_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .model import get_adapter, inject, merge, trainable_parameters, unmerge
     from .io import atomic_write, save_adapter
+    from .model import get_adapter, inject, merge, trainable_parameters, unmerge
 
     opts = opts or TrainOptions()
     say = log or (lambda _s: None)

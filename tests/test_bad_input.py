@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 import tensadapt as ta
 from tensadapt.cli import main
 from tensadapt.errors import AdapterMismatchError, NonFiniteError, SpecError, TensadaptError
-from tensadapt.model import get_adapter
 from tensadapt.io import ADAPTER_FILE, PLAN_FILE, SPEC_FILE
+from tensadapt.model import get_adapter
 from tensadapt.numerics import FiniteCheckCallback, check_finite
 
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
