@@ -45,14 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import opt_einsum as oe
 import torch
 from torch import nn
 
+from . import contract, fused
 from .errors import ExportError
-from .io import atomic_write
-from .model import adapted_modules, get_adapter, merge_and_unload
-from .modes import out_side
+from .io import atomic_write, load_base_model
+from .model import adapted_modules, get_adapter, hub_of, merge_and_unload, saved_modules
 from .nn import AdaptedLinear, TensorAdapter
 from .planner import TargetPlan
 
@@ -121,27 +120,14 @@ class ExportReport:
 def _legs(adapter: TensorAdapter, t: TargetPlan) -> tuple[list[str], list[str], list[list[str]]]:
     """The target's input legs, output legs and each factor's legs once sliced (plan order)."""
     tp = adapter.plan.tensor(t.tensor)
-    axis_legs = dict(tp.axis_legs)
-    head_side = out_side(tp.axes)
-    x_axes, y_axes = (head_side, ["in"]) if t.transposed else (["in"], head_side)
-    x_legs = [leg for a in x_axes for leg in axis_legs[a]]
-    y_legs = [leg for a in y_axes for leg in axis_legs[a]]
-    fixed = {axis_legs[a][0] for a, _ in t.index}
-    return x_legs, y_legs, [[leg for leg in f.legs if leg not in fixed] for f in tp.factors]
+    return list(t.x_legs), list(t.y_legs), [list(t.sliced_legs(f)) for f in tp.factors]
 
 
 def _contract(
     ops: Sequence[torch.Tensor], legs: Sequence[Sequence[str]], out: Sequence[str]
 ) -> torch.Tensor:
-    sym: dict[str, str] = {}
-
-    def s(ls: Sequence[str]) -> str:
-        for leg in ls:
-            sym.setdefault(leg, oe.get_symbol(len(sym)))
-        return "".join(sym[leg] for leg in ls)
-
-    eq = ",".join(s(ls) for ls in legs) + "->" + s(out)
-    return oe.contract(eq, *ops, backend="torch")  # type: ignore[no-any-return]
+    run = contract.contraction(legs, out, [tuple(o.shape) for o in ops])
+    return run(*ops)
 
 
 def exact_lowrank(
@@ -246,29 +232,30 @@ def _module_factors(
     """``(lora_A [r, in], lora_B [out, r])`` for one module (several targets for fused modules)."""
     parts = []
     reports = []
-    for t in module.targets:
+    hub = hub_of_module(module)
+    for t in module.adapter_targets[hub]:
         a, b, err = lowrank(adapter, t, rank)
         parts.append((t, a, b))
         reports.append(TargetExport(t.key, name, a.shape[1], err == 0.0, err))
-    n_out = module.out_features
-    if len(parts) == 1 and parts[0][0].out_slice is None:
+    n_out = module.out_width
+    if len(parts) == 1 and parts[0][0].fused is None:
         _, a, b = parts[0]
         return a.t(), b, reports
     shared = all(p[1].shape == parts[0][1].shape and torch.equal(p[1], parts[0][1]) for p in parts)
-    if shared:  # one A for every block: B just stacks the blocks
+    if shared:  # one A for every block: B just places the blocks at their rows
         a_full = parts[0][1].t()
-        b_full = a_full.new_zeros(n_out, a_full.shape[0])
-        for t, _, b in parts:
-            lo, hi = t.out_slice or (0, n_out)
-            b_full[lo:hi] = b
+        b_full = fused.place([(t.fused, b) for t, _, b in parts], n_out, dim=0)
     else:  # block-diagonal in the rank: rank = sum of ranks
         a_full = torch.cat([a.t() for _, a, _ in parts], dim=0)
-        b_full = a_full.new_zeros(n_out, a_full.shape[0])
+        total = a_full.shape[0]
+        pieces = []
         col = 0
         for t, _, b in parts:
-            lo, hi = t.out_slice or (0, n_out)
-            b_full[lo:hi, col : col + b.shape[1]] = b
+            wide = b.new_zeros(b.shape[0], total)
+            wide[:, col : col + b.shape[1]] = b
+            pieces.append((t.fused, wide))
             col += b.shape[1]
+        b_full = fused.place(pieces, n_out, dim=0)
     reports = [
         TargetExport(r.key, r.module, a_full.shape[0], r.exact, r.rel_error) for r in reports
     ]
@@ -310,7 +297,7 @@ def export_peft_lora(
         raise ExportError(f"rank must be >= 1, got {rank}")
     adapter = get_adapter(model)
     _check_exportable(adapter)
-    mods = adapted_modules(model)
+    mods = adapted_modules(_unwrap(model))
     if any(m.merged for _, m in mods):
         raise ExportError("the adapter is merged into the base weights; unmerge(model) first")
     ref = next(iter(adapter.parameters()), None)
@@ -319,20 +306,20 @@ def export_peft_lora(
     targets: list[TargetExport] = []
     ranks: dict[str, int] = {}
     conv1d = False
+    active = _active(model)
     for name, m in mods:
+        if active not in m.adapter_targets:
+            continue
         a, b, reps = _module_factors(m, adapter, rank, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(out_dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(out_dtype).contiguous()
         ranks[name] = a.shape[0]
         targets += reps
-        conv1d |= any(t.layout == "conv1d" for t in m.targets)
-    saved = []
-    for want in adapter.plan.spec.modules_to_save:
-        for n, sub in model.named_modules():
-            if n == want or n.endswith("." + want):
-                saved.append(n)
-                for pn, p in sub.named_parameters():
-                    tensors[f"base_model.model.{n}.{pn}"] = p.detach().cpu().contiguous()
+        conv1d |= m.layout == "conv1d"
+    for n, sm in saved_modules(_unwrap(model)):
+        if active in sm.copies:
+            for pn, p in sm.copies[active].named_parameters():
+                tensors[f"base_model.model.{n}.{pn}"] = p.detach().cpu().contiguous()
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {n: r for n, r in ranks.items() if r != common}
     config = peft.LoraConfig(
@@ -381,12 +368,12 @@ def export_merged(
         ExportError: the model cannot ``save_pretrained``.
     """
     get_adapter(model)
-    if not hasattr(model, "save_pretrained"):
+    if not hasattr(_unwrap(model), "save_pretrained"):
         raise ExportError(
             f"{type(model).__name__} has no save_pretrained(); merge_and_unload(model) and save "
             "its state_dict with safetensors yourself"
         )
-    target: Any = model if inplace else _copy(model)
+    target: Any = _unwrap(model) if inplace else _copy(_unwrap(model))
     merge_and_unload(target)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,66 +382,26 @@ def export_merged(
 
 
 def _copy(model: nn.Module) -> Any:
-    get_adapter(model).clear_cache()
     return copy.deepcopy(model)
 
 
-# -- rebuilding the base model (CLI) ---------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .model import TensadaptModel
+
+    return model.base_model if isinstance(model, TensadaptModel) else model
 
 
-def load_base_model(
-    model: str, *, seed: int = 0, model_class: str | None = None, num_labels: int | None = None
-) -> nn.Module:
-    """The base model an adapter was trained on, rebuilt for export.
+def _active(model: nn.Module) -> str:
+    hub = hub_of(_unwrap(model))
+    assert hub is not None and hub.active is not None
+    return hub.active
 
-    Args:
-        model: a bundled preset name (built from its config with random weights drawn after
-            ``torch.manual_seed(seed)``: only meaningful when training built it the same way) or a
-            local model directory (weights loaded with ``from_pretrained``, never downloaded).
-        seed: the seed for a preset's random weights.
-        model_class: a ``transformers`` class name, e.g. ``AutoModelForSequenceClassification``
-            or ``BertForSequenceClassification``; default: the config's ``architectures[0]`` for
-            a local directory, ``AutoModel`` for a preset.
-        num_labels: size of a classification head (as recorded by ``save_adapter``).
-    Returns:
-        the model, in eval mode.
-    Raises:
-        ExportError: unknown class, or the weights cannot be loaded.
-        ArchitectureError: neither a preset nor a local model directory.
-    """
-    import transformers
 
-    from .arch import PRESETS, load_config
-
-    config = load_config(model)
-    if num_labels is not None:
-        config.num_labels = num_labels
-    is_preset = model in PRESETS and not Path(model).exists()
-    name = model_class or (
-        "AutoModel" if is_preset else ((getattr(config, "architectures", None) or ["AutoModel"])[0])
-    )
-    cls: Any = getattr(transformers, name, None)
-    if cls is None or not isinstance(cls, type):
-        raise ExportError(
-            f"--model-class: transformers has no class {name!r} (e.g. AutoModel, "
-            "AutoModelForSequenceClassification, AutoModelForCausalLM)"
-        )
-    try:
-        if is_preset or not any(Path(model).glob("*.safetensors")):
-            if not is_preset:
-                raise ExportError(
-                    f"{model}: no *.safetensors weights in this directory; give the directory of "
-                    "the base model the adapter was trained on"
-                )
-            torch.manual_seed(seed)
-            built = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-        else:
-            built = getattr(cls, "from_pretrained")(model, config=config, local_files_only=True)  # noqa: B009
-    except ExportError:
-        raise
-    except (OSError, ValueError, TypeError) as exc:
-        raise ExportError(f"cannot build {name} from {model!r}: {exc}") from exc
-    return built.eval()  # type: ignore[no-any-return]
+def hub_of_module(module: AdaptedLinear) -> str:
+    """The active adapter's name, as seen by one wrapped module."""
+    active = module.hub.active
+    assert active is not None
+    return active
 
 
 __all__ = [

@@ -49,11 +49,10 @@ import torch
 from .errors import PlanError
 from .factorizations.base import Network
 from .hookspecs import hookimpl
-from .modes import out_side
 
 if TYPE_CHECKING:
     from .nn import AdaptedLinear, TensorAdapter
-    from .planner import TargetPlan, TensorPlan
+    from .planner import Plan, TargetPlan, TensorPlan
 
 #: seed of every random choice an initialiser makes (randomised SVD, padding noise)
 INIT_SEED = 0
@@ -70,26 +69,20 @@ def target_matrix(t: TargetPlan, weight: torch.Tensor) -> torch.Tensor:
     Args:
         t: the target.
         weight: the module's weight, ``[out, in]`` (linear) or ``[in, out]`` (conv1d), whole module
-            (a fused module's columns are cut with ``t.out_slice``).
+            (a fused module's rows are cut with ``t.fused``).
     """
+    from . import fused
+
     if t.layout == "conv1d":
-        s = weight if t.out_slice is None else weight[:, t.out_slice[0] : t.out_slice[1]]
+        s = fused.gather(weight, t.fused, 1)
     else:
-        s = (weight if t.out_slice is None else weight[t.out_slice[0] : t.out_slice[1], :]).t()
+        s = fused.gather(weight, t.fused, 0).t()
     if tuple(s.shape) != (t.in_features, t.out_features):
         raise PlanError(
             f"{t.key}: weight slice has shape {tuple(s.shape)}, the plan expects "
             f"[{t.in_features}, {t.out_features}]"
         )
     return s
-
-
-def _side_legs(tp: TensorPlan, t: TargetPlan) -> tuple[list[str], list[str]]:
-    """The target's x-side and y-side legs, as in :meth:`TensorAdapter.delta_slice`."""
-    axes_legs = dict(tp.axis_legs)
-    head = out_side(tp.axes)
-    x_axes, y_axes = (head, ["in"]) if t.transposed else (["in"], head)
-    return [g for a in x_axes for g in axes_legs[a]], [g for a in y_axes for g in axes_legs[a]]
 
 
 def pretrained_tensor(
@@ -113,7 +106,7 @@ def pretrained_tensor(
     full = torch.zeros([sizes[g] for g in all_legs], device=ref.device, dtype=torch.float32)
     filled = torch.zeros(full.shape[len(full.shape) - len(_stacked(tp)) :], dtype=torch.bool)
     for t in targets:
-        x_legs, y_legs = _side_legs(tp, t)
+        x_legs, y_legs = t.x_legs, t.y_legs
         fixed = {axes_legs[a][0]: i for a, i in t.index}
         free = [g for g in all_legs if g not in fixed]
         s = mats[t.key].to(torch.float32).reshape([sizes[g] for g in (*x_legs, *y_legs)])
@@ -390,6 +383,7 @@ def initialize(
     Returns:
         the :class:`InitReport`, also stored as ``adapter.init_report``.
     """
+    from . import fused
     from .quant import NF4Linear
 
     plan = adapter.plan
@@ -400,7 +394,7 @@ def initialize(
         from .plugins import initializer_registry
 
         initializer = initializer_registry().get(spec.init)
-        mats = {t.key: target_matrix(t, m.weight) for _, m in modules for t in m.targets}
+        mats = {t.key: target_matrix(t, m.weight) for _, m in modules for t in _own(m, plan)}
         gen = torch.Generator().manual_seed(INIT_SEED if seed is None else seed)
         for tp in plan.tensors:
             ts = [t for t in plan.targets if t.tensor == tp.name]
@@ -418,16 +412,14 @@ def initialize(
             continue
         w0 = m.weight
         w = w0.detach().to(torch.float32).clone()
-        for t in m.targets:
+        for t in _own(m, plan):
             d = adapter.delta_weight(t).to(torch.float32)
-            a, b = t.out_slice or (0, m.out_features)
-            cols = (slice(None), slice(a, b)) if t.layout == "conv1d" else (slice(a, b),)
             if pretrained:
                 s0 = target_matrix(t, w0).to(torch.float32)
                 rep.approx_error[t.key] = float(
                     (s0 - adapter.delta_slice(t).float()).norm() / s0.norm().clamp_min(1e-30)
                 )
-                w[cols] -= d
+                fused.add_into(w, t.fused, 1 if t.layout == "conv1d" else 0, -d)
         if spec.residual == "nf4" or spec.base == "nf4":
             q = NF4Linear.from_module(m.base, weight=w.to(w0.dtype))
             stored = q.dequantize(torch.float32)
@@ -441,6 +433,12 @@ def initialize(
         rep.checksum = (float(stored.norm()), float(stored.sum()))
     adapter.init_report = report
     return report
+
+
+def _own(m: AdaptedLinear, plan: Plan) -> tuple[TargetPlan, ...]:
+    """The targets of ``plan`` that module ``m`` carries."""
+    mine = {t.key for t in plan.targets}
+    return tuple(t for ts in m.adapter_targets.values() for t in ts if t.key in mine)
 
 
 def check_checksums(

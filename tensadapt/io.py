@@ -1,39 +1,137 @@
-"""Save and load adapters: ``adapter.safetensors`` + ``spec.yaml`` + ``plan.json``. No pickle.
+"""Save and load adapters: ``adapter_config.json`` + ``adapter.safetensors``. No pickle.
 
-Files are written to a temporary name in the target directory and renamed into place, so a crash
-mid-save leaves the previous adapter intact.
+The config records the spec once (the plan is re-made on load), the base model it was trained on
+(``base_model_name_or_path``, the architecture fingerprint, the model class and label count), and
+the shape, dtype and SHA-256 of every tensor. A save is all-or-nothing:
+
+- ``adapter.safetensors`` carries the config in its metadata and is the *commit point*: it is
+  written to a temporary file, flushed, and renamed over the old one, so at every instant the
+  directory holds exactly the old adapter or exactly the new one (the readable
+  ``adapter_config.json`` is renamed into place right after; a load that finds it stale — a crash
+  between the two renames — uses the committed copy and says so).
+- Saves to one directory are serialised by an exclusive lock (``.tensadapt.lock``), so concurrent
+  saves never mix files; under that lock a save first removes temporary files that killed saves
+  left behind.
+- A failed write (disk full, a kill) leaves the previous adapter untouched; files are created with
+  the permissions the umask gives.
+
+A load reads nothing it has not bounded (regular files, a size cap on JSON), checks every tensor
+against the config (names: only the spec's factors and listed ``modules_to_save``; shapes; dtypes;
+checksums; finite values) before touching the model, and rolls the model back if anything fails.
+Directories written by tensadapt 0.1 (``spec.yaml`` + ``plan.json``) still load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import AdapterMismatchError
-from .model import get_adapter, inject
+from .errors import AdapterMismatchError, TensadaptError
+from .model import DEFAULT_ADAPTER, attach, hub_of, saved_modules
 from .nn import factor_items
-from .planner import FORMAT_VERSION
-from .spec import load_spec, spec_to_yaml
+from .spec import load_spec
 
 ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+LOCK_FILE = ".tensadapt.lock"
+#: tensadapt 0.1's files (still read)
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.json"
 SAVED_PREFIX = "modules_to_save."
-#: plan.json key recording the residual kind, init and checksums of a residual/NF4 adapter
-RESIDUAL_KEY = "residual"
+FORMAT = "tensadapt-adapter"
+FORMAT_VERSION = 2
+#: the largest JSON file a load reads
+MAX_JSON_BYTES = 16 * 2**20
+#: the largest label count a config may ask a head to have
+MAX_LABELS = 100_000
+
+
+class AdapterSaveError(TensadaptError, OSError):
+    """A save could not complete (disk full, permissions); the previous adapter is intact."""
+
+
+# -- the config ----------------------------------------------------------------------------------
+class TensorRecord(BaseModel):
+    """What the config records of one tensor."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shape: list[int]
+    dtype: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AdapterConfig(BaseModel):
+    """``adapter_config.json``: everything needed to rebuild and check an adapter."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: str = FORMAT
+    format_version: int = Field(FORMAT_VERSION, ge=1)
+    tensadapt_version: str = ""
+    adapter_name: str = DEFAULT_ADAPTER
+    base_model_name_or_path: str = ""
+    spec: dict[str, Any]
+    architecture: dict[str, Any]
+    model_class: str | None = None
+    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS)
+    n_params: int = Field(ge=0)
+    targets: dict[str, list[Any]] = Field(default_factory=dict)
+    residual: dict[str, Any] | None = None
+    tensors: dict[str, TensorRecord]
+
+
+def _config_error(err: ValidationError, source: str) -> AdapterMismatchError:
+    first = err.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<config>"
+    return AdapterMismatchError(
+        f"{source}: corrupted adapter config: {where}: {first['msg']} "
+        f"(got {str(first.get('input'))[:60]!r})"
+    )
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` for the duration of a save."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (same directory)."""
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (same directory).
+
+    The temporary file is flushed to disk before the rename and removed on any failure; the
+    final file gets the mode the umask gives (``mkstemp`` would leave it ``0600``).
+
+    Raises:
+        AdapterSaveError: the write failed (the old ``path`` is untouched).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -41,167 +139,184 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise AdapterSaveError(
+            f"{path}: could not be written ({what}); the previous file is intact"
+        ) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _write_text(path: Path, text: str) -> None:
-    def w(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(path, w)
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a saved adapter holds: every factor, plus ``modules_to_save`` parameters."""
-    ad = get_adapter(model)
+_write_text = write_text  # the name tensadapt.train used
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _clean_temp_files(directory: Path) -> None:
+    """Remove what killed saves left behind (only called under the directory's save lock)."""
+    for name in (ADAPTER_FILE, CONFIG_FILE, SPEC_FILE, PLAN_FILE):
+        for f in directory.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+def sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (contiguous, on the CPU)."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a saved adapter holds: every factor, plus its ``modules_to_save`` copies.
+
+    Keys: ``<tensor>.<factor>`` and ``modules_to_save.<module path>.<parameter>``.
+    """
+    from .model import get_adapter
+
+    ad = get_adapter(model, adapter_name)
+    hub = hub_of(_base(model))
+    assert hub is not None
+    name = adapter_name or hub.active or DEFAULT_ADAPTER
     state = {f"{t}.{f}": p.detach().contiguous().cpu() for t, f, p in factor_items(ad)}
-    for want in ad.plan.spec.modules_to_save:
-        for n, m in model.named_modules():
-            if n == want or n.endswith("." + want):
-                for pn, p in m.named_parameters():
-                    state[f"{SAVED_PREFIX}{n}.{pn}"] = p.detach().contiguous().cpu()
+    for path, sm in saved_modules(_base(model)):
+        if name in sm.copies:
+            for pn, p in sm.copies[name].named_parameters():
+                state[f"{SAVED_PREFIX}{path}.{pn}"] = p.detach().contiguous().cpu()
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter to ``directory`` (created if needed).
+def _base(model: nn.Module) -> nn.Module:
+    from .model import TensadaptModel
+
+    return model.base_model if isinstance(model, TensadaptModel) else model
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str | None = None
+) -> Path:
+    """Write an adapter of ``model`` (default: the active one) to ``directory`` (created if
+    needed), all-or-nothing (see the module docstring).
 
     Returns:
         the directory path.
+    Raises:
+        AdapterSaveError: the directory cannot be written (the previous adapter stays intact).
     """
-    ad = get_adapter(model)
+    from . import __version__
+    from .model import get_adapter
+
+    base = _base(model)
+    ad = get_adapter(base, adapter_name)
+    hub = hub_of(base)
+    assert hub is not None
+    name = adapter_name or hub.active or DEFAULT_ADAPTER
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    plan_d = ad.plan.to_dict()
-    # which head the adapter was trained with, so `tensadapt export` can rebuild the same model
-    plan_d["model_class"] = type(model).__name__
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if isinstance(num_labels, int):
-        plan_d["num_labels"] = num_labels
-    if ad.init_report is not None:  # pretrained init / residual / NF4 base: how to rebuild it
-        rep = ad.init_report
-        plan_d[RESIDUAL_KEY] = {
-            "init": rep.init,
-            "residual": rep.residual,
-            "base": rep.base,
-            "rebuilt_from": "base model weights, deterministically (tensadapt.init.initialize)",
-            "checksums": rep.checksums(),
-        }
-    # the spec travels inside adapter.safetensors too: that file is the commit point of a save
-    # (written first, renamed atomically), so a crash before spec.yaml is rewritten cannot pair
-    # new tensors with an old spec
-    meta = {
-        "format_version": str(FORMAT_VERSION),
-        "tensadapt": "adapter",
-        "spec": spec_to_yaml(ad.plan.spec),
-    }
-    state = adapter_state(model)
-    atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
-    _write_text(out / SPEC_FILE, spec_to_yaml(ad.plan.spec))
-    _write_text(out / PLAN_FILE, json.dumps(plan_d, indent=2))
+    if out.exists() and not out.is_dir():
+        raise AdapterSaveError(f"{out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AdapterSaveError(f"{out}: cannot create the directory ({exc.strerror})") from exc
+    state = adapter_state(base, name)
+    config = AdapterConfig(
+        format_version=FORMAT_VERSION,
+        tensadapt_version=__version__,
+        adapter_name=name,
+        base_model_name_or_path=str(
+            getattr(getattr(base, "config", None), "_name_or_path", "") or ""
+        ),
+        spec=ad.plan.spec.to_dict(),
+        architecture=dict(ad.plan.architecture),
+        model_class=type(base).__name__,
+        num_labels=_num_labels(base),
+        n_params=ad.plan.n_params,
+        targets={t.key: [t.in_features, t.out_features, t.tensor] for t in ad.plan.targets},
+        residual=_residual_record(ad),
+        tensors={
+            k: TensorRecord(
+                shape=list(v.shape), dtype=str(v.dtype).removeprefix("torch."), sha256=sha256(v)
+            )
+            for k, v in state.items()
+        },
+    )
+    text = config.model_dump_json(indent=2)
+    meta = {"tensadapt": "adapter", "format_version": str(FORMAT_VERSION), "config": text}
+    with _locked(out):
+        _clean_temp_files(out)
+        atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
+        write_text(out / CONFIG_FILE, text)
+        for old in (SPEC_FILE, PLAN_FILE):  # a 0.1 adapter saved over
+            with contextlib.suppress(FileNotFoundError):
+                (out / old).unlink()
+        _fsync_dir(out)
     return out
 
 
-def read_plan_file(directory: Path) -> dict[str, Any]:
-    path = directory / PLAN_FILE
+def _num_labels(model: nn.Module) -> int | None:
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n if isinstance(n, int) and 1 <= n <= MAX_LABELS else None
+
+
+def _residual_record(ad: Any) -> dict[str, Any] | None:
+    rep = ad.init_report
+    if rep is None:
+        return None
+    return {
+        "init": rep.init,
+        "residual": rep.residual,
+        "base": rep.base,
+        "rebuilt_from": "base model weights, deterministically (tensadapt.init.initialize)",
+        "checksums": rep.checksums(),
+    }
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _regular(path: Path, what: str) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise AdapterMismatchError(f"{path.parent}: missing {path.name} ({what})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterMismatchError(f"{path}: not a regular file ({what})")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    _regular(path, what)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise AdapterMismatchError(
+            f"{path}: {path.stat().st_size:,} bytes, more than the {MAX_JSON_BYTES:,} a {what} "
+            "may have"
+        )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterMismatchError(
-            f"{directory}: not a tensadapt adapter directory (no {PLAN_FILE})"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterMismatchError(f"{path}: corrupted plan file ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterMismatchError(f"{path}: corrupted {what} ({str(e)[:120]})") from None
     if not isinstance(d, dict):
-        raise AdapterMismatchError(f"{path}: corrupted plan file (not a JSON object)")
-    version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterMismatchError(
-            f"{path}: adapter format version {version!r} is newer than this tensadapt supports "
-            f"({FORMAT_VERSION}); upgrade tensadapt"
-        )
+        raise AdapterMismatchError(f"{path}: corrupted {what} (not a JSON object)")
     return d
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild a saved adapter on ``model`` (the same base model it was trained on).
-
-    Raises:
-        AdapterMismatchError: the directory is not an adapter, a file is truncated or corrupted, the
-            format is newer, or the model differs (sizes, layers, heads, targets); the message
-            names the mismatch.
-    """
-    from .arch import from_model
-    from .planner import plan as make_plan
-
-    d = Path(directory)
-    if d.is_file():
-        raise AdapterMismatchError(f"{d}: is a file, not an adapter directory")
-    if not d.is_dir():
-        raise AdapterMismatchError(f"{d}: adapter directory not found")
-    saved_plan = read_plan_file(d)
-    if not (d / SPEC_FILE).is_file():
-        raise AdapterMismatchError(f"{d}: not a complete tensadapt adapter (no {SPEC_FILE})")
-    spec = load_spec(d / SPEC_FILE)
-    have = from_model(model).fingerprint()
-    want = saved_plan.get("architecture", {})
-    diffs = [
-        f"{k}: adapter {want.get(k)!r} vs model {have[k]!r}" for k in have if want.get(k) != have[k]
-    ]
-    if diffs:
-        raise AdapterMismatchError(f"{d}: adapter was made for another model: " + "; ".join(diffs))
-    state, meta = _read_tensors(d / ADAPTER_FILE)
-    if meta.get("spec") and meta["spec"] != spec_to_yaml(spec):
-        # adapter.safetensors is the commit point of a save: trust its own copy of the spec
-        import warnings
-
-        warnings.warn(
-            f"{d / SPEC_FILE} differs from the spec saved inside {ADAPTER_FILE} (an interrupted "
-            "save, or a hand edit); using the one inside the tensors file",
-            stacklevel=2,
-        )
-        spec = load_spec(meta["spec"], source_name=f"{d / ADAPTER_FILE} (embedded spec)")
-    new_plan = make_plan(spec, model)
-    _check_targets(saved_plan, new_plan.to_dict(), str(d / PLAN_FILE))
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    inject(model, new_plan)
-    try:
-        saved_res = saved_plan.get(RESIDUAL_KEY)
-        report = get_adapter(model).init_report
-        if isinstance(saved_res, dict) and report is not None:
-            from .init import check_checksums
-
-            problems = check_checksums(report, saved_res.get("checksums", {}), str(d / PLAN_FILE))
-            if problems:
-                raise AdapterMismatchError("; ".join(problems))
-        load_adapter_state(model, state, source=str(d / ADAPTER_FILE))
-    except BaseException:
-        _rollback(model, flags)
-        raise
-    return model
-
-
-def _rollback(model: nn.Module, flags: dict[str, bool]) -> None:
-    """Undo a failed load: the factors still hold their init, so merging them back and unwrapping
-    gives the base model again (exactly for a zero init; to float rounding for a frozen residual,
-    to the NF4 error for an NF4 one); the parameters' ``requires_grad`` flags are restored."""
-    from .model import merge_and_unload
-
-    merge_and_unload(model)
-    for n, p in model.named_parameters():
-        if n in flags:
-            p.requires_grad_(flags[n])
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of an ``adapter.safetensors``, with clear errors."""
     from safetensors import safe_open
 
-    if not path.is_file():
-        raise AdapterMismatchError(f"{path.parent}: missing {path.name}")
+    _regular(path, "the adapter's tensors")
     try:
         with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
             meta = dict(fh.metadata() or {})
@@ -211,9 +326,9 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise AdapterMismatchError(
             f"{path}: truncated or corrupted safetensors file ({size} bytes): {e}"
         ) from None
-    version = meta.get("format_version")
     if meta.get("tensadapt") != "adapter":
         raise AdapterMismatchError(f"{path}: not a tensadapt adapter file (no tensadapt metadata)")
+    version = meta.get("format_version")
     if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
         raise AdapterMismatchError(
             f"{path}: adapter format version {version!r} is newer than this tensadapt supports "
@@ -222,22 +337,196 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, meta
 
 
-def _check_targets(saved: dict[str, Any], new: dict[str, Any], source: str) -> None:
-    """Every saved target must exist in the model's plan with the same widths and tensor."""
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The committed config of an adapter directory (the copy inside ``adapter.safetensors``;
+    a 0.1 directory's ``plan.json``), as a dict. Used by ``tensadapt export`` to rebuild the
+    base model with the head the adapter was trained with."""
+    return _committed(_check_dir(Path(directory)))[0]
 
-    def table(p: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
-        rows = p.get("targets") or []
-        return {
-            f"{t.get('proj')}.{t.get('layer')}": (
-                t.get("in_features"),
-                t.get("out_features"),
-                t.get("tensor"),
-            )
-            for t in rows
-            if isinstance(t, dict)
-        }
 
-    old, cur = table(saved), table(new)
+def _check_dir(d: Path) -> Path:
+    if d.is_file():
+        raise AdapterMismatchError(f"{d}: is a file, not an adapter directory")
+    if not d.is_dir():
+        raise AdapterMismatchError(f"{d}: adapter directory not found")
+    have = [n for n in (ADAPTER_FILE, CONFIG_FILE, PLAN_FILE) if os.path.lexists(d / n)]
+    if not have:
+        raise AdapterMismatchError(
+            f"{d}: not a tensadapt adapter directory (no {ADAPTER_FILE} or {CONFIG_FILE})"
+        )
+    if CONFIG_FILE in have and ADAPTER_FILE not in have:
+        _regular(d / ADAPTER_FILE, "the adapter's tensors")
+    return d
+
+
+def _committed(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """``(config, tensors)`` of a directory: v2 from the tensors file's metadata; v1 from
+    ``plan.json`` + ``spec.yaml`` (tensors ``None``: read later)."""
+    if os.path.lexists(d / ADAPTER_FILE):
+        state, meta = _read_tensors(d / ADAPTER_FILE)
+        text = meta.get("config")
+        if text is not None:
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise AdapterMismatchError(f"{d / ADAPTER_FILE}: corrupted config ({e})") from None
+            _compare_readable_copy(d, text)
+            return config, state
+        return _legacy_config(d, meta), state
+    return _legacy_config(d, {}), None
+
+
+def _compare_readable_copy(d: Path, committed: str) -> None:
+    path = d / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        readable = json.loads(path.read_text(encoding="utf-8")) if _small(path) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        readable = None
+    if readable != json.loads(committed):
+        warnings.warn(
+            f"{path} differs from the config committed inside {ADAPTER_FILE} (an interrupted "
+            "save, or a hand edit); using the committed one",
+            stacklevel=4,
+        )
+
+
+def _small(path: Path) -> bool:
+    st = path.stat()
+    return stat.S_ISREG(st.st_mode) and st.st_size <= MAX_JSON_BYTES
+
+
+def _legacy_config(d: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """A tensadapt 0.1 directory's config: ``plan.json`` + the spec (no checksums)."""
+    saved = _read_json(d / PLAN_FILE, "plan file")
+    version = saved.get("format_version")
+    if not isinstance(version, int) or version > 1:
+        raise AdapterMismatchError(
+            f"{d / PLAN_FILE}: adapter format version {version!r} is newer than this tensadapt "
+            f"supports; upgrade tensadapt"
+        )
+    if meta.get("spec"):
+        spec = load_spec(meta["spec"], source_name=f"{d / ADAPTER_FILE} (embedded spec)")
+    elif (d / SPEC_FILE).is_file():
+        spec = load_spec(d / SPEC_FILE)
+    else:
+        raise AdapterMismatchError(f"{d}: not a complete tensadapt adapter (no {SPEC_FILE})")
+    targets = {
+        f"{t.get('proj')}.{t.get('layer')}": [
+            t.get("in_features"),
+            t.get("out_features"),
+            t.get("tensor"),
+        ]
+        for t in saved.get("targets") or []
+        if isinstance(t, dict)
+    }
+    return {
+        "format": FORMAT,
+        "format_version": 1,
+        "spec": spec.to_dict(),
+        "architecture": saved.get("architecture") or {},
+        "model_class": saved.get("model_class"),
+        "num_labels": saved.get("num_labels"),
+        "n_params": int(saved.get("n_params") or 0),
+        "targets": targets,
+        "residual": saved.get("residual"),
+        "tensors": {},
+    }
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
+    """Rebuild a saved adapter on ``model`` (the same base model it was trained on).
+
+    Raises:
+        AdapterMismatchError: the directory is not an adapter, a file is truncated, corrupted or
+            tampered with (checksums), the format is newer, the model differs (sizes, layers,
+            heads, targets), or a tensor is not one the spec declares; the message names the
+            mismatch. The model is left as it was.
+    """
+    from .planner import plan as make_plan
+
+    base = _base(model)
+    d = _check_dir(Path(directory))
+    raw, state = _committed(d)
+    source = str(d / ADAPTER_FILE)
+    try:
+        config = AdapterConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _config_error(err, source) from None
+    if config.format != FORMAT:
+        raise AdapterMismatchError(f"{source}: not a tensadapt adapter (format {config.format!r})")
+    if config.format_version > FORMAT_VERSION:
+        raise AdapterMismatchError(
+            f"{source}: adapter format version {config.format_version} is newer than this "
+            f"tensadapt supports ({FORMAT_VERSION}); upgrade tensadapt"
+        )
+    spec = load_spec(config.spec, source_name=f"{source} (spec)")
+    from .arch import from_model
+
+    have = from_model(base).fingerprint()
+    want = config.architecture
+    diffs = [
+        f"{k}: adapter {want.get(k)!r} vs model {have[k]!r}" for k in have if want.get(k) != have[k]
+    ]
+    if diffs:
+        raise AdapterMismatchError(f"{d}: adapter was made for another model: " + "; ".join(diffs))
+    if state is None:
+        state, _ = _read_tensors(d / ADAPTER_FILE)
+    new_plan = make_plan(spec, base)
+    _check_targets(
+        config.targets,
+        {t.key: [t.in_features, t.out_features, t.tensor] for t in new_plan.targets},
+        source,
+    )
+    _check_records(state, config.tensors, source)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    hub_before = hub_of(base)
+    had_hub = hub_before is not None
+    active = hub_before.active if hub_before is not None else None
+    adapter = attach(base, new_plan, adapter_name, detect_new_modules=False)
+    try:
+        saved_res = config.residual
+        report = adapter.init_report
+        if isinstance(saved_res, dict) and report is not None:
+            from .init import check_checksums
+
+            problems = check_checksums(report, saved_res.get("checksums", {}), source)
+            if problems:
+                raise AdapterMismatchError("; ".join(problems))
+        load_adapter_state(base, state, source=source, adapter_name=adapter_name)
+    except BaseException:
+        _rollback(base, adapter_name, had_hub, active, flags)
+        raise
+    return model
+
+
+def _rollback(
+    model: nn.Module, name: str, had_hub: bool, active: str | None, flags: dict[str, bool]
+) -> None:
+    """Undo a failed load: take the new adapter off (a pretrained init's residual is merged
+    back first, giving the base weights to float rounding / the NF4 error); restore
+    ``requires_grad`` and the active adapter."""
+    from .model import _remove, merge_and_unload
+
+    hub = hub_of(model)
+    if hub is None:
+        return
+    if not had_hub:
+        hub.active = name
+        merge_and_unload(model, keep_trained_copies=False)
+    else:
+        _remove(model, hub, name)
+        hub.active = active
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def _check_targets(old: Mapping[str, list[Any]], cur: Mapping[str, list[Any]], source: str) -> None:
+    """Every saved target must exist in the model's plan with the same widths."""
     if not old:
         return
     problems = [f"target {k} not in this model" for k in old if k not in cur]
@@ -245,43 +534,81 @@ def _check_targets(saved: dict[str, Any], new: dict[str, Any], source: str) -> N
     problems += [
         f"target {k}: adapter {old[k][0]}x{old[k][1]} vs model {cur[k][0]}x{cur[k][1]}"
         for k in old
-        if k in cur and old[k][:2] != cur[k][:2]
+        if k in cur and list(old[k][:2]) != list(cur[k][:2])
     ]
     if problems:
         shown = "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
         raise AdapterMismatchError(f"{source}: adapter targets differ from this model's: {shown}")
 
 
-def load_adapter_state(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str = "<state>"
+def _check_records(
+    state: Mapping[str, torch.Tensor], records: Mapping[str, TensorRecord], source: str
 ) -> None:
-    """Copy ``state`` into the model's factors (and modules_to_save), checking every name and shape."""
-    ad = get_adapter(model)
-    expected = {f"{t}.{f}": p for t, f, p in factor_items(ad)}  # type: ignore[operator]
-    missing = sorted(set(expected) - set(state))
+    """Every tensor matches its record (a v2 adapter): same set, shape, dtype and checksum."""
+    if not records:
+        return
+    extra = sorted(set(state) - set(records))
+    if extra:
+        raise AdapterMismatchError(
+            f"{source}: tensor {extra[0]!r} is not recorded in the adapter's config (added or "
+            "renamed after saving)"
+        )
+    missing = sorted(set(records) - set(state))
+    if missing:
+        raise AdapterMismatchError(f"{source}: missing tensors {missing[:5]}")
+    for k, rec in records.items():
+        v = state[k]
+        if list(v.shape) != rec.shape or str(v.dtype).removeprefix("torch.") != rec.dtype:
+            raise AdapterMismatchError(
+                f"{source}: tensor {k!r} is {str(v.dtype).removeprefix('torch.')}{list(v.shape)}, "
+                f"its record says {rec.dtype}{rec.shape}"
+            )
+        if sha256(v) != rec.sha256:
+            raise AdapterMismatchError(
+                f"{source}: tensor {k!r} fails its checksum (the file was corrupted or edited "
+                "after saving)"
+            )
+
+
+def load_adapter_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str = "<state>",
+    adapter_name: str | None = None,
+) -> None:
+    """Copy ``state`` into an adapter's factors and ``modules_to_save`` copies, checking every
+    name and shape first: only the spec's factors and its listed modules are accepted."""
+    from .model import get_adapter
+
+    base = _base(model)
+    ad = get_adapter(base, adapter_name)
+    hub = hub_of(base)
+    assert hub is not None
+    name = adapter_name or hub.active or DEFAULT_ADAPTER
+    expected: dict[str, torch.Tensor] = {f"{t}.{f}": p for t, f, p in factor_items(ad)}
+    for path, sm in saved_modules(base):
+        if name in sm.copies:
+            for pn, p in sm.copies[name].named_parameters():
+                expected[f"{SAVED_PREFIX}{path}.{pn}"] = p
+    missing = sorted(k for k in set(expected) - set(state) if not k.startswith(SAVED_PREFIX))
     if missing:
         raise AdapterMismatchError(
             f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    saved_modules = dict(model.named_parameters())
-    copies: list[tuple[nn.Parameter, torch.Tensor]] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for k, v in state.items():
-        if k.startswith(SAVED_PREFIX):
-            name = k[len(SAVED_PREFIX) :]
-            if name not in saved_modules:
-                raise AdapterMismatchError(
-                    f"{source}: model has no parameter {name!r} (modules_to_save)"
-                )
-            target = saved_modules[name]
-        elif k in expected:
-            target = expected[k]
-        else:
-            raise AdapterMismatchError(
-                f"{source}: unexpected tensor {k!r}; the adapter's plan differs"
+        target = expected.get(k)
+        if target is None:
+            what = (
+                "a module the spec's modules_to_save does not list"
+                if k.startswith(SAVED_PREFIX)
+                else "the adapter's plan differs"
             )
+            raise AdapterMismatchError(f"{source}: unexpected tensor {k!r} ({what})")
         if tuple(target.shape) != tuple(v.shape):
             raise AdapterMismatchError(
-                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(target.shape)}"
+                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(target.shape)}"
             )
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise AdapterMismatchError(
@@ -292,3 +619,90 @@ def load_adapter_state(
     with torch.no_grad():  # copy only once every tensor passed: a bad file changes nothing
         for dst, v in copies:
             dst.copy_(v.to(dst.dtype))
+
+
+def load_base_model(
+    model: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    model_class: str | None = None,
+    num_labels: int | None = None,
+) -> nn.Module:
+    """The base model an adapter was trained on, rebuilt.
+
+    Args:
+        model: a bundled preset name (built from its config with random weights drawn after
+            ``torch.manual_seed(seed)``: only meaningful when training built it the same way) or a
+            local model directory (weights loaded with ``from_pretrained``, never downloaded).
+        directory: an adapter directory: its config gives ``model_class`` and ``num_labels``
+            unless they are passed.
+        seed: the seed for a preset's random weights.
+        model_class: a ``transformers`` class name, e.g. ``AutoModelForSequenceClassification``
+            or ``BertForSequenceClassification``; default: the adapter's, else the config's
+            ``architectures[0]`` for a local directory, ``AutoModel`` for a preset.
+        num_labels: size of a classification head.
+    Returns:
+        the model, in eval mode.
+    Raises:
+        AdapterMismatchError: unknown class, or the weights cannot be loaded.
+        ArchitectureError: neither a preset nor a local model directory.
+    """
+    import transformers
+
+    from .arch import PRESETS, load_config
+
+    model = str(model)
+    if directory is not None:
+        saved = read_config(directory)
+        if model_class is None:
+            model_class = saved.get("model_class")
+            num_labels = num_labels if num_labels is not None else saved.get("num_labels")
+    config = load_config(model)
+    if isinstance(num_labels, int) and 1 <= num_labels <= MAX_LABELS:
+        config.num_labels = num_labels
+    is_preset = model in PRESETS and not Path(model).exists()
+    name = model_class or (
+        "AutoModel" if is_preset else ((getattr(config, "architectures", None) or ["AutoModel"])[0])
+    )
+    cls: Any = getattr(transformers, str(name), None)
+    if cls is None or not isinstance(cls, type):
+        raise AdapterMismatchError(
+            f"model class: transformers has no class {name!r} (e.g. AutoModel, "
+            "AutoModelForSequenceClassification, AutoModelForCausalLM)"
+        )
+    try:
+        if is_preset or not any(Path(model).glob("*.safetensors")):
+            if not is_preset:
+                raise AdapterMismatchError(
+                    f"{model}: no *.safetensors weights in this directory; give the directory of "
+                    "the base model the adapter was trained on"
+                )
+            torch.manual_seed(seed)
+            built = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        else:
+            built = getattr(cls, "from_pretrained")(model, config=config, local_files_only=True)  # noqa: B009
+    except AdapterMismatchError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise AdapterMismatchError(f"cannot build {name} from {model!r}: {exc}") from exc
+    return built.eval()  # type: ignore[no-any-return]
+
+
+#: tensadapt 0.1's name for :func:`read_config`
+read_plan_file = read_config
+
+__all__ = [
+    "ADAPTER_FILE",
+    "CONFIG_FILE",
+    "AdapterConfig",
+    "AdapterSaveError",
+    "adapter_state",
+    "atomic_write",
+    "load_adapter",
+    "load_adapter_state",
+    "load_base_model",
+    "read_config",
+    "save_adapter",
+    "sha256",
+]

@@ -1,76 +1,262 @@
-"""Put adapters on a model and take them off: ``inject``, ``merge``, ``unmerge``,
-``merge_and_unload``, ``trainable_parameters``.
+"""The adapted model: :class:`TensadaptModel`, a ``PeftModel``-style object over a Hugging Face
+model, and the functions that put adapters on a model in place and take them off.
+
+Build one from a base model and a spec, train it with any loop, the HF ``Trainer``, accelerate,
+DDP/FSDP or ``torch.compile``; ``save_pretrained`` / ``from_pretrained`` the adapter; hold several
+named adapters and switch between them; ``merge_and_unload`` for serving::
+
+    model = TensadaptModel(base, "specs/lorta.yaml")           # or add_adapter(name, spec)
+    model.print_trainable_parameters()
+    ...train...
+    model.save_pretrained("out/adapter")                       # adapter_config.json + adapter.safetensors
+    model = TensadaptModel.from_pretrained(base, "out/adapter")
+    with model.disable_adapter():
+        base_logits = model(**batch).logits
+    merged = model.merge_and_unload()                          # a plain transformers model
+
+The factors live inside the base model (an :class:`~tensadapt.nn.AdapterHub` registered as
+``tensadapt_adapters``), so ``model.parameters()`` of either object holds them; the object's
+forward opens the executor's per-forward frame (:mod:`tensadapt.executor`). The functions of the
+first API (:func:`inject`, :func:`merge`, :func:`unmerge`, :func:`merge_and_unload`) change a model
+in place and keep working: such a model computes the same outputs, without the frame's sharing.
+A model carrying an adapter refuses the HF ``save_pretrained``, which would lose the adapter, and
+says what to call instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .nn import AdaptedLinear, TensorAdapter
+from .errors import PlanError, TensadaptError
+from .executor import Frame
+from .nn import AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
 from .planner import Plan, TargetPlan, plan
-from .spec import AdapterSpec
+from .spec import AdapterSpec, load_spec
 
-#: attribute under which the shared :class:`TensorAdapter` lives on the model
-ADAPTER_ATTR = "tensadapt_adapter"
+#: attribute under which the :class:`AdapterHub` lives on the base model
+HUB_ATTR = "tensadapt_adapters"
+#: the adapter name used when none is given
+DEFAULT_ADAPTER = "default"
+
+SpecLike = AdapterSpec | Plan | Mapping[str, Any] | str | os.PathLike[str]
 
 
-def inject(
+class NewModulesWarning(UserWarning):
+    """Modules the checkpoint did not have (a new head) are trained and saved with the adapter."""
+
+
+# -- in place ------------------------------------------------------------------------------------
+def hub_of(model: nn.Module) -> AdapterHub | None:
+    """The model's :class:`AdapterHub`, or ``None``."""
+    hub = getattr(model, HUB_ATTR, None)
+    return hub if isinstance(hub, AdapterHub) else None
+
+
+def get_adapter(model: nn.Module, name: str | None = None) -> TensorAdapter:
+    """A :class:`TensorAdapter` of the model (default: the active one)."""
+    if isinstance(model, TensadaptModel):
+        model = model.base_model
+    hub = hub_of(model)
+    if hub is None or not hub.adapters:
+        raise PlanError(f"{type(model).__name__} has no tensadapt adapter (inject() it first)")
+    return hub.adapter(name)
+
+
+def adapted_modules(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
+    """``(path, SavedModule)`` of every ``modules_to_save`` wrapper."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]
+
+
+def new_modules(model: nn.Module) -> list[str]:
+    """Modules whose weights ``from_pretrained`` initialised fresh (not in the checkpoint): a new
+    classifier or LM head. For a model built from a config (nothing loaded), the task heads
+    outside the backbone whose output width is ``config.num_labels`` (classification heads)."""
+    params = dict(model.named_parameters())
+    loaded = any(getattr(p, "_is_hf_initialized", False) for p in params.values())
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    has_backbone = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+
+    def owner(name: str) -> str:
+        parts = name.split(".")
+        if has_backbone and parts[0] == prefix:
+            return ".".join(parts[:2])
+        return parts[0]
+
+    found: dict[str, None] = {}
+    if loaded:
+        for name, p in params.items():
+            if not getattr(p, "_is_hf_initialized", False) and not name.startswith(HUB_ATTR):
+                found[owner(name)] = None
+        return list(found)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if not has_backbone or not isinstance(num_labels, int):
+        return []
+    backbone = {id(p) for p in getattr(model, prefix).parameters()}
+    for name, mod in model.named_children():
+        if name in (prefix, HUB_ATTR):
+            continue
+        linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
+        own = [p for p in mod.parameters() if id(p) not in backbone]
+        if own and linears and linears[-1].out_features == num_labels:
+            found[name] = None
+    return list(found)
+
+
+def _with_new_modules(spec: AdapterSpec, model: nn.Module, targeted: set[str]) -> AdapterSpec:
+    """``spec`` with the model's fresh modules added to ``modules_to_save`` (and a warning)."""
+    fresh = [
+        n
+        for n in new_modules(model)
+        if not any(n == s or n.endswith("." + s) for s in spec.modules_to_save)
+        and not any(t == n or t.startswith(n + ".") for t in targeted)
+    ]
+    if not fresh:
+        return spec
+    warnings.warn(
+        f"{', '.join(fresh)}: newly initialised (not in the checkpoint) and not in the spec's "
+        "modules_to_save; tensadapt trains them and saves them with the adapter. Name them in "
+        "modules_to_save to silence this.",
+        NewModulesWarning,
+        stacklevel=3,
+    )
+    return spec.model_copy(update={"modules_to_save": (*spec.modules_to_save, *fresh)})
+
+
+def attach(
     model: nn.Module,
-    spec: AdapterSpec | Plan | Mapping[str, Any] | str,
+    spec: SpecLike,
+    name: str = DEFAULT_ADAPTER,
     *,
     seed: int | None = None,
-) -> nn.Module:
-    """Wrap every target of ``spec`` in ``model`` with an :class:`AdaptedLinear`.
-
-    The shared factors are kept once, as ``model.tensadapt_adapter``; every other parameter is
-    frozen except those of ``modules_to_save``. The model is changed in place and returned.
+    detect_new_modules: bool = True,
+) -> TensorAdapter:
+    """Add adapter ``name`` to ``model`` in place: wrap its targets, keep its factors in the
+    model's :class:`AdapterHub`, copy its ``modules_to_save``. The first adapter becomes active.
 
     Args:
         model: a Hugging Face (or any supported) transformer.
-        spec: a spec (anything :func:`~tensadapt.load_spec` takes) or an already compiled plan.
-        seed: seed of the factors' default init (``None``: torch's global RNG).
+        spec: a spec (anything :func:`~tensadapt.load_spec` takes) or a compiled plan.
+        name: the adapter's name.
+        seed: seed of the factors' initialisation (``None``: torch's global RNG).
+        detect_new_modules: add modules ``from_pretrained`` initialised fresh (a new head) to
+            ``modules_to_save`` (see :func:`new_modules`).
     Returns:
-        the same model, adapted.
+        the new :class:`TensorAdapter`.
+    Raises:
+        PlanError: the name is taken, the spec does not fit the model, or a pretrained init
+            (which rewrites the base weights into a residual) is combined with another adapter.
     """
-    if hasattr(model, ADAPTER_ATTR):
-        raise PlanError("model already has a tensadapt adapter; merge_and_unload() it first")
-    p = spec if isinstance(spec, Plan) else plan(spec, model)
     from . import arch as arch_mod
 
+    hub = hub_of(model)
+    if hub is not None and name in hub.adapters:
+        raise PlanError(f"adapter {name!r} already exists; adapters: {', '.join(hub.adapters)}")
+    p = spec if isinstance(spec, Plan) else plan(_spec(spec), model)
     arch = arch_mod.from_model(model)
     paths = arch_mod.resolve_modules(model, arch)
+    if detect_new_modules:
+        targeted = {paths[(t.layer, t.proj)] for t in p.targets}
+        s2 = _with_new_modules(p.spec, model, targeted)
+        if s2 is not p.spec:
+            p = plan(s2, model)
+    rewrites = p.spec.init != "zeros" and _is_pretrained_init(p.spec.init)
+    if hub is not None and hub.adapters and (rewrites or p.spec.base != "fp"):
+        raise PlanError(
+            f"adapter {name!r}: init {p.spec.init!r} / base {p.spec.base!r} rewrites the base "
+            "weights, so it cannot share a model with other adapters; use a fresh base model"
+        )
+    if hub is not None and any(
+        a.plan.spec.init != "zeros"
+        and _is_pretrained_init(a.plan.spec.init)
+        or a.plan.spec.base != "fp"
+        for a in hub.adapters.values()
+        if isinstance(a, TensorAdapter)
+    ):
+        raise PlanError(
+            f"adapter {name!r}: the model's adapter rewrote the base weights (pretrained init "
+            "or NF4 base); another adapter cannot share them"
+        )
     ref = next((prm for prm in model.parameters() if prm.is_floating_point()), None)
     device = ref.device if ref is not None else None
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     adapter = TensorAdapter(p, device=device, generator=gen)
 
-    for prm in model.parameters():
-        prm.requires_grad_(False)
+    if hub is None:
+        hub = AdapterHub()
+        setattr(model, HUB_ATTR, hub)
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        _guard_hf_save(model)
+    hub.adapters[name] = adapter
     by_module: dict[str, list[TargetPlan]] = {}
     for t in p.targets:
         by_module.setdefault(paths[(t.layer, t.proj)], []).append(t)
-    for name, ts in by_module.items():
-        base = model.get_submodule(name)
-        _set_module(model, name, AdaptedLinear(base, ts, adapter))
-    setattr(model, ADAPTER_ATTR, adapter)
-    if p.spec.init != "zeros" or p.spec.base != "fp":
+    for path, ts in by_module.items():
+        mod = model.get_submodule(path)
+        if not isinstance(mod, AdaptedLinear):
+            mod = AdaptedLinear(mod, hub)
+            _set_module(model, path, mod)
+        mod.set_targets(name, ts)
+    for want in p.spec.modules_to_save:
+        hits = _saved_paths(model, want)
+        if not hits:
+            _remove(model, hub, name)
+            raise PlanError(f"modules_to_save: no module named {want!r} in {type(model).__name__}")
+        for path in hits:
+            mod = model.get_submodule(path)
+            if not isinstance(mod, SavedModule):
+                mod = SavedModule(mod, hub)
+                _set_module(model, path, mod)
+            mod.add(name)
+    if hub.active is None:
+        hub.active = name
+    _set_trainable(model, hub)
+    if rewrites or p.spec.base != "fp":
         from .init import initialize
 
         initialize(adapted_modules(model), adapter, seed=seed)
-    _unfreeze_modules_to_save(model, p.spec.modules_to_save)
-    adapter._hook = adapter.attach(model)  # per-forward cache scope (shared x·P_in, masks)
-    return model
+    return adapter
 
 
-def _clear_cache_hook(module: nn.Module, args: Any) -> None:
-    ad = getattr(module, ADAPTER_ATTR, None)
-    if ad is not None:
-        ad.clear_cache()
+def _is_pretrained_init(init: str) -> bool:
+    if init == "zeros":
+        return False
+    from .plugins import initializer_registry
+
+    reg = initializer_registry()
+    return bool(getattr(reg.get(init), "pretrained", True)) if init in reg else True
+
+
+def _spec(spec: SpecLike) -> AdapterSpec:
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, os.PathLike):
+        return load_spec(Path(spec))
+    return load_spec(spec)  # type: ignore[arg-type]
+
+
+def _saved_paths(model: nn.Module, want: str) -> list[str]:
+    """Paths of the modules a ``modules_to_save`` entry names (a SavedModule counts as its
+    original's path; nothing inside a SavedModule or the hub matches)."""
+    out = []
+    for n, m in model.named_modules():
+        if not n or f"{HUB_ATTR}." in f"{n}." or ".copies." in f"{n}." or ".original" in n:
+            continue
+        if (n == want or n.endswith("." + want)) and not isinstance(m, AdaptedLinear):
+            out.append(n)
+    return out
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -79,56 +265,360 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _unfreeze_modules_to_save(model: nn.Module, names: tuple[str, ...] | list[str]) -> None:
-    for want in names:
-        hits = [n for n, _ in model.named_modules() if n == want or n.endswith("." + want)]
-        if not hits:
-            raise PlanError(f"modules_to_save: no module named {want!r} in {type(model).__name__}")
-        for n in hits:
-            for prm in model.get_submodule(n).parameters():
-                prm.requires_grad_(True)
+def _set_trainable(model: nn.Module, hub: AdapterHub) -> None:
+    """Only the active adapter's factors and its ``modules_to_save`` copies train."""
+    for n, ad in hub.adapters.items():
+        for prm in ad.parameters():
+            prm.requires_grad_(n == hub.active)
+    for _, sm in saved_modules(model):
+        for n, dup in sm.copies.items():
+            for prm in dup.parameters():
+                prm.requires_grad_(n == hub.active)
 
 
-def get_adapter(model: nn.Module) -> TensorAdapter:
-    """The model's :class:`TensorAdapter`; raises if the model has none."""
-    ad = getattr(model, ADAPTER_ATTR, None)
-    if not isinstance(ad, TensorAdapter):
-        raise PlanError(f"{type(model).__name__} has no tensadapt adapter (inject() it first)")
-    return ad
+def _remove(model: nn.Module, hub: AdapterHub, name: str) -> None:
+    """Take adapter ``name`` off: its targets, its saved copies, its factors."""
+    for path, m in adapted_modules(model):
+        if m.merged_adapter == name:
+            m.unmerge()
+        m.adapter_targets.pop(name, None)
+        if not m.adapter_targets:
+            _set_module(model, path, _dense(m.base))
+    for path, sm in saved_modules(model):
+        if name in sm.copies:
+            del sm.copies[name]
+        if not len(sm.copies):
+            _set_module(model, path, sm.original)
+    if name in hub.adapters:
+        del hub.adapters[name]
+    if hub.active == name:
+        hub.active = next(iter(hub.adapters), None)
 
 
-def adapted_modules(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+def _dense(base: nn.Module) -> nn.Module:
+    to_dense = getattr(base, "to_dense_module", None)  # NF4 base -> plain dense module
+    return to_dense() if to_dense is not None else base
+
+
+def _refuse_hf_save(*args: Any, **kwargs: Any) -> None:
+    raise TensadaptError(
+        "this model carries a tensadapt adapter: transformers' save_pretrained would write the "
+        "wrapped weights under names from_pretrained does not know and drop the adapter. Save "
+        "the adapter with TensadaptModel.save_pretrained(dir) (or tensadapt.save_adapter(model, "
+        "dir)), or call merge_and_unload() first and save the merged model"
+    )
+
+
+def _guard_hf_save(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", _refuse_hf_save)
+
+
+def _unguard_hf_save(model: nn.Module) -> None:
+    if model.__dict__.get("save_pretrained") is _refuse_hf_save:
+        del model.__dict__["save_pretrained"]
+
+
+def inject(model: nn.Module, spec: SpecLike, *, seed: int | None = None) -> nn.Module:
+    """Wrap every target of ``spec`` in ``model`` (in place) and return the model.
+
+    The factors live in the model's :class:`AdapterHub`; every other parameter is frozen except the
+    ``modules_to_save`` copies. Prefer :class:`TensadaptModel`, whose forward also shares the
+    per-forward work (``x·P_in`` for q, k and v); the outputs are the same.
+
+    Args:
+        model: a Hugging Face (or any supported) transformer.
+        spec: a spec (anything :func:`~tensadapt.load_spec` takes) or an already compiled plan.
+        seed: seed of the factors' default init (``None``: torch's global RNG).
+    Returns:
+        the same model, adapted.
+    """
+    if hub_of(model) is not None:
+        raise PlanError("model already has a tensadapt adapter; merge_and_unload() it first")
+    attach(model, spec, DEFAULT_ADAPTER, seed=seed)
+    return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every update into its base weight (inference then costs exactly the base model)."""
-    for _, m in adapted_modules(model):
-        m.merge()
+    """Add the active adapter's updates into the base weights (inference then costs exactly the
+    base model)."""
+    base = model.base_model if isinstance(model, TensadaptModel) else model
+    hub = hub_of(base)
+    for _, m in adapted_modules(base):
+        m.merge(hub.active if hub is not None else None)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: subtract the updates, restoring the base weights."""
-    for _, m in adapted_modules(model):
+    base = model.base_model if isinstance(model, TensadaptModel) else model
+    for _, m in adapted_modules(base):
         m.unmerge()
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then replace every wrapper by its base module and drop the adapter."""
-    for name, m in adapted_modules(model):
-        m.merge()
-        to_dense = getattr(m.base, "to_dense_module", None)  # NF4 base -> plain dense module
-        _set_module(model, name, to_dense() if to_dense is not None else m.base)
-    ad = getattr(model, ADAPTER_ATTR, None)
-    if ad is not None:
-        if ad._hook is not None:
-            ad._hook.remove()
-        delattr(model, ADAPTER_ATTR)
-    return model
+def merge_and_unload(
+    model: nn.Module, *, merge_weights: bool = True, keep_trained_copies: bool | None = None
+) -> nn.Module:
+    """Merge the active adapter (unless ``merge_weights=False``), then replace every wrapper by its
+    base module (an NF4 base by a dense one) and every ``modules_to_save`` wrapper by the active
+    adapter's trained copy (or the original, with ``keep_trained_copies=False``; by default the
+    copies are kept when merging), and drop the adapters. Returns the plain base model."""
+    keep = merge_weights if keep_trained_copies is None else keep_trained_copies
+    base = model.base_model if isinstance(model, TensadaptModel) else model
+    hub = hub_of(base)
+    active = hub.active if hub is not None else None
+    for name, m in adapted_modules(base):
+        if merge_weights:
+            m.merge(active)
+        elif m.merged:
+            m.unmerge()
+        _set_module(base, name, _dense(m.base))
+    for name, sm in saved_modules(base):
+        use_copy = keep and active is not None and active in sm.copies
+        _set_module(base, name, sm.copies[active] if use_copy and active else sm.original)
+    if hub is not None:
+        delattr(base, HUB_ATTR)
+    _unguard_hf_save(base)
+    return base
 
 
 def trainable_parameters(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (each shared tensor counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on (transformers' newer name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(model), name, None), property):
+            return bool(getattr(model, name))
+    return False
+
+
+# -- the model object ----------------------------------------------------------------------------
+class TensadaptModel(nn.Module):
+    """A Hugging Face model with tensadapt adapters, in the spirit of ``peft.PeftModel``.
+
+    Args:
+        model: the base model (changed in place: its targets are wrapped).
+        spec: the first adapter's spec (or plan); ``None`` to add adapters later.
+        adapter_name: that adapter's name.
+        seed: seed of its initialisation.
+
+    Attributes not defined here (``config``, ``generate``, ``gradient_checkpointing_enable`` …)
+    are the base model's.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: SpecLike | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        if spec is not None:
+            attach(model, spec, adapter_name, seed=seed)
+
+    # -- delegation --------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def hub(self) -> AdapterHub:
+        hub = hub_of(self.base_model)
+        if hub is None:
+            raise PlanError("this model has no adapter; add_adapter(name, spec) first")
+        return hub
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, with the executor's per-forward frame open (no frame under
+        gradient checkpointing, whose recomputation must repeat the forward's own operations)."""
+        hub = hub_of(self.base_model)
+        if hub is None or hub.frame is not None or _checkpointing(self.base_model):
+            return self.base_model(*args, **kwargs)
+        hub.frame = Frame()
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            hub.frame = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``base_model.generate`` with one frame for the whole generation (no gradients, the
+        factors do not change, so the ``P`` matrices are built once)."""
+        hub = hub_of(self.base_model)
+        generate: Any = self.base_model.generate
+        if hub is None or hub.frame is not None:
+            return generate(*args, **kwargs)
+        hub.frame = Frame()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            hub.frame = None
+
+    # -- adapters ------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        return self.hub.active
+
+    @property
+    def adapter_names(self) -> list[str]:
+        hub = hub_of(self.base_model)
+        return list(hub.adapters) if hub is not None else []
+
+    def adapter(self, name: str | None = None) -> TensorAdapter:
+        """The :class:`TensorAdapter` called ``name`` (default: the active one)."""
+        return self.hub.adapter(name)
+
+    def plan(self, name: str | None = None) -> Plan:
+        """The plan of adapter ``name`` (default: the active one)."""
+        return self.adapter(name).plan
+
+    def add_adapter(self, name: str, spec: SpecLike, *, seed: int | None = None) -> TensorAdapter:
+        """Add another adapter on the same base; the active one stays active."""
+        return attach(self.base_model, spec, name, seed=seed)
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter: the forward uses it and only its factors train."""
+        hub = self.hub
+        hub.adapter(name)
+        merged = {m.merged_adapter for _, m in adapted_modules(self.base_model) if m.merged_adapter}
+        if merged and merged != {name}:
+            raise PlanError(
+                f"adapter {sorted(merged)[0]!r} is merged into the weights; unmerge_adapter() "
+                f"before switching to {name!r}"
+            )
+        hub.active = name
+        _set_trainable(self.base_model, hub)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (its wrappers go when no adapter needs them)."""
+        hub = self.hub
+        hub.adapter(name)
+        _remove(self.base_model, hub, name)
+        if not hub.adapters:
+            delattr(self.base_model, HUB_ATTR)
+            _unguard_hf_save(self.base_model)
+        else:
+            _set_trainable(self.base_model, hub)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes the base model's outputs (original heads too)."""
+        hub = self.hub
+        merged = [m for _, m in adapted_modules(self.base_model) if m.merged]
+        names = {m: m.merged_adapter for m in merged}
+        for m in merged:
+            m.unmerge()
+        hub.enabled = False
+        try:
+            yield
+        finally:
+            hub.enabled = True
+            for m, n in names.items():
+                m.merge(n)
+
+    def merge_adapter(self) -> None:
+        """Merge the active adapter into the base weights (undo with :meth:`unmerge_adapter`)."""
+        merge(self.base_model)
+
+    def unmerge_adapter(self) -> None:
+        unmerge(self.base_model)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain base model (wrappers and adapters gone)."""
+        return merge_and_unload(self.base_model)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model without merging (every adapter dropped)."""
+        return merge_and_unload(self.base_model, merge_weights=False)
+
+    # -- counts -----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts (each shared tensor once)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # -- files -----------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
+    ) -> Path:
+        """Save adapters: the default one (or the only one) in ``directory``, others in
+        ``directory/<name>`` (as PEFT does). Each is ``adapter_config.json`` (spec, base model,
+        checksums) + ``adapter.safetensors``; see :mod:`tensadapt.io`."""
+        from .io import save_adapter
+
+        out = Path(directory)
+        names = selected_adapters or self.adapter_names
+        for n in names:
+            where = out if (n == DEFAULT_ADAPTER or len(names) == 1) else out / n
+            save_adapter(self.base_model, where, adapter_name=n)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module | str | os.PathLike[str],
+        directory: str | os.PathLike[str],
+        adapter_name: str = DEFAULT_ADAPTER,
+        *,
+        is_trainable: bool = False,
+    ) -> TensadaptModel:
+        """A base model (or its path: loaded with the class and label count the adapter was
+        trained with) with the saved adapter loaded; frozen unless ``is_trainable``."""
+        from .io import load_adapter, load_base_model
+
+        base = load_base_model(model, directory) if isinstance(model, str | os.PathLike) else model
+        obj = cls(base)
+        load_adapter(obj.base_model, directory, adapter_name=adapter_name)
+        if not is_trainable:
+            for p in obj.parameters():
+                p.requires_grad_(False)
+        return obj
+
+    def load_adapter(
+        self, directory: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool = False
+    ) -> TensorAdapter:
+        """Load a saved adapter under ``adapter_name`` next to the ones already here."""
+        from .io import load_adapter
+
+        load_adapter(self.base_model, directory, adapter_name=adapter_name)
+        if not is_trainable:
+            for p in self.hub.adapter(adapter_name).parameters():
+                p.requires_grad_(False)
+        return self.hub.adapter(adapter_name)
+
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "HUB_ATTR",
+    "NewModulesWarning",
+    "TensadaptModel",
+    "adapted_modules",
+    "attach",
+    "get_adapter",
+    "hub_of",
+    "inject",
+    "merge",
+    "merge_and_unload",
+    "new_modules",
+    "saved_modules",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -35,14 +35,15 @@ TOLERANCES: dict[str, float] = {"bfloat16": 3e-2, "float16": 5e-3}
 
 def _named_factors(model_or_adapter: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``("tensor.factor", parameter)`` for every factor, plus ``modules_to_save`` parameters."""
-    from .model import ADAPTER_ATTR
-    from .nn import TensorAdapter, factor_items
+    from .nn import AdapterHub, TensorAdapter, factor_items
 
-    # the adapter itself, the model's, or one inside a wrapper (DDP/FSDP, a Trainer-side module)
-    found = getattr(model_or_adapter, ADAPTER_ATTR, None)
-    ad: TensorAdapter | None = found if isinstance(found, TensorAdapter) else None
+    # the adapter itself, or the active one of a model (inside a wrapper: DDP/FSDP, the Trainer's)
+    ad: TensorAdapter | None = (
+        model_or_adapter if isinstance(model_or_adapter, TensorAdapter) else None
+    )
     if ad is None:
-        ad = next((m for m in model_or_adapter.modules() if isinstance(m, TensorAdapter)), None)
+        hub = next((m for m in model_or_adapter.modules() if isinstance(m, AdapterHub)), None)
+        ad = hub.adapter() if hub is not None and hub.active is not None else None
     if ad is None:
         # no tensadapt adapter: check every trainable parameter
         for n, p in model_or_adapter.named_parameters():

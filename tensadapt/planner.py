@@ -1,16 +1,18 @@
 """``plan()``: spec × architecture → an immutable, printable, JSON-able :class:`Plan`.
 
 The plan fixes, before any module exists: every tensor's axes and factors, which slice of which
-tensor each target is, and the einsum that maps a target's input ``x[T, in]`` to its update
-``[T, out]``. When one factor alone holds the input legs (LoRA's A, CP's and Tucker's ``in``
-factor, TT's first core) the contraction is split in two stages: ``z = x·F_in`` is shared by every
-target of the tensor that reads the same input (q, k and v of a layer), then each target contracts
-``z`` with the rest. Planning needs no weights.
+tensor each target is, its input and output legs (``x_legs``, ``y_legs``: stored here once, read by
+the executor, the initialisers and export), and the einsums that map a target's input ``x[T, in]``
+to its update ``[T, out]``. When one factor alone holds the input legs (LoRA's A, CP's and Tucker's
+``in`` factor, TT's first core) the contraction is split in two stages: ``z = x·F_in`` is shared by
+every target of the tensor that reads the same input (q, k and v of a layer), then each target
+contracts ``z`` with the rest. Planning needs no weights.
+
+Pricing lives in :mod:`tensadapt.costs`, the printed table in :mod:`tensadapt.plan_table`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -19,18 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import opt_einsum as oe
-
-from .arch.base import PROJECTIONS, Architecture, TargetSite
+from . import contract
+from .arch.base import PROJECTIONS, Architecture, Fused, TargetSite
+from .costs import TOKENS, best_route, lora_equivalent, stage_flops, total_flops
 from .errors import PlanError
 from .factorizations.base import Axis, FactorSpec, Network, nominal_rank
-from .modes import WRITE_PROJECTIONS, out_side, tensor_axes
+from .modes import WRITE_PROJECTIONS, tensor_axes
 from .quant import MemoryPlan, memory_plan
 from .spec import AdapterSpec, get_factorization, load_spec
 
-#: token count used to price contractions per token (paths are re-chosen at run time per shape)
-NOMINAL_TOKENS = 1024
-FORMAT_VERSION = 1
+#: bytes a plan may ask to allocate for its factors before planning refuses (see :func:`plan`)
+MAX_FACTOR_BYTES = 64 * 2**30
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,6 @@ class Route:
 
     Attributes:
         in_factors, out_factors: the two groups of factors (names).
-        x_legs, y_legs: the input / output legs, in flattening order.
         bond_legs: legs shared by both groups; ``R`` is the product of their sizes.
         rank: ``R``.
         fixed_flops: FLOPs to build ``P_in`` and ``P_out`` for this target (token-independent).
@@ -68,8 +68,6 @@ class Route:
 
     in_factors: tuple[str, ...]
     out_factors: tuple[str, ...]
-    x_legs: tuple[str, ...]
-    y_legs: tuple[str, ...]
     bond_legs: tuple[str, ...]
     rank: int
     fixed_flops: float
@@ -107,15 +105,19 @@ class TargetPlan:
         module: module path below the backbone (see :class:`~tensadapt.arch.base.TargetSite`).
         tensor: name of the :class:`TensorPlan` it is a slice of.
         index: fixed indices of the stacked axes, e.g. ``(("qkv", 1), ("depth", 3))``.
-        transposed: write-out projection stored as ``ΔWᵀ`` (o, down).
+        transposed: the slice is ``ΔWᵀ``: its ``in`` axis is the matrix's output (o and down;
+            every attention projection under ``orientation: lorta``).
         in_features, out_features: the matrix's real input/output width.
-        out_slice: output columns of a fused module, else ``None``.
+        fused: where this projection's rows sit in a fused module (``None`` if not fused).
         layout: ``linear`` or ``conv1d``.
-        selects: per factor operand, the ``(dim, index)`` picks that slice it (applied high dim first).
+        selects: per factor, the ``(dim, index)`` picks that slice it (applied high dim first).
+        x_legs, y_legs: the tensor legs of the matrix's input and output, in flattening order:
+            ``update(x) = x·S`` with ``S[x_legs..., y_legs...]`` reshaped to ``[in, out]``.
         stage_in: the shared input stage ``x·F_in -> z``, or ``None``.
         stage_out: the target stage (from ``z`` when ``stage_in`` is set, else from ``x``).
-        delta: the einsum reconstructing this target's slice ``S[x_dim, y_dim]`` from its factors.
+        delta: the einsum reconstructing this target's slice ``S[x_legs, y_legs]`` from its factors.
         share_key: targets with the same key and the same input share ``stage_in``'s result.
+        route: the two-matrix form, or ``None`` (MPO cores hold both sides).
     """
 
     layer: int
@@ -126,9 +128,11 @@ class TargetPlan:
     transposed: bool
     in_features: int
     out_features: int
-    out_slice: tuple[int, int] | None
+    fused: Fused | None
     layout: str
     selects: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    x_legs: tuple[str, ...]
+    y_legs: tuple[str, ...]
     stage_in: Stage | None
     stage_out: Stage
     delta: Stage
@@ -138,6 +142,16 @@ class TargetPlan:
     @property
     def key(self) -> str:
         return f"{self.proj}.{self.layer}"
+
+    @property
+    def out_slice(self) -> tuple[int, int] | None:
+        """Contiguous output columns of a column-block fused projection, else ``None``."""
+        return self.fused.columns if self.fused is not None else None
+
+    def sliced_legs(self, factor: FactorSpec) -> tuple[str, ...]:
+        """The legs ``factor`` keeps once this target's stacked indices are fixed."""
+        drop = {dim for dim, _ in dict(self.selects)[factor.name]}
+        return tuple(leg for d, leg in enumerate(factor.legs) if d not in drop)
 
     def strategy(self, tokens: int) -> str:
         """The cheapest way to compute the update for ``tokens`` rows, by FLOPs at that count:
@@ -167,7 +181,7 @@ class TargetPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything :func:`~tensadapt.model` needs, as pure data. Prints itself as a table."""
+    """Everything the adapted model needs, as pure data. Prints itself as a table."""
 
     spec: AdapterSpec
     architecture: dict[str, Any]
@@ -195,13 +209,14 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spec"] = self.spec.to_dict()
-        d["format_version"] = FORMAT_VERSION
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
+        from .plan_table import format_plan
+
         return format_plan(self)
 
 
@@ -217,12 +232,6 @@ def _arch_of(model_or_config: Any) -> Architecture:
     return arch_mod.from_config(model_or_config)
 
 
-def _model_params(model_or_config: Any, arch: Architecture) -> int | None:
-    if hasattr(model_or_config, "parameters"):
-        return sum(p.numel() for p in model_or_config.parameters())
-    return None
-
-
 def plan(
     spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str], model_or_config: Any
 ) -> Plan:
@@ -235,8 +244,9 @@ def plan(
     Returns:
         the :class:`Plan`.
     Raises:
-        PlanError: the spec names targets or layers this architecture lacks, or ranks/options that
-            do not fit its sizes.
+        PlanError: the spec names targets or layers this architecture lacks, ranks/options that
+            do not fit its sizes, or factors too large to allocate (more than
+            :data:`MAX_FACTOR_BYTES` in float32).
     """
     spec = load_spec(spec if isinstance(spec, AdapterSpec | Mapping | str) else Path(spec))
     arch = _arch_of(model_or_config)
@@ -255,18 +265,27 @@ def plan(
             f"targets: {arch.family} has no projection(s) {missing}; it has {', '.join(arch.projections)}"
         )
     modes = tuple(spec.modes)
-    sites = [arch.site(layer, p) for layer in layers for p in spec.targets]
-
-    # group sites by oriented shape; within a group, split along modes that are not stacked
-    groups: dict[tuple[int, int, int], list[TargetSite]] = {}
+    lorta = getattr(spec, "orientation", "head-consistent") == "lorta"
+    strided = getattr(spec, "head_layout", "contiguous") == "strided"
+    wanted = set(layers)
+    sites = [s for s in arch.sites if s.proj in spec.targets and s.layer in wanted]
+    if not sites:
+        raise PlanError(f"targets {list(spec.targets)} exist in none of the layers {layers}")
+    present: dict[str, tuple[int, ...]] = {}
     for s in sites:
-        groups.setdefault(_group_key(s, modes), []).append(s)
+        present[s.proj] = (*present.get(s.proj, ()), s.layer)
+
+    # group sites by oriented shape and the layers they exist in (an encoder-decoder's cross
+    # attention exists in decoder layers only); within a group, split along unstacked modes
+    groups: dict[tuple[int, int, int, tuple[int, ...]], list[TargetSite]] = {}
+    for s in sites:
+        n_in, n_out = _oriented(s, lorta)
+        heads = s.n_heads if ("heads" in modes and s.head_side is not None) else 0
+        groups.setdefault((n_in, n_out, heads, present[s.proj]), []).append(s)
     tensors: list[TensorPlan] = []
     targets: list[TargetPlan] = []
     problems: list[str] = []
-    lora_params = 0
-    r_nom = nominal_rank(spec.rank)
-    for key, members in groups.items():
+    for (n_in, n_out, n_heads, group_layers), members in groups.items():
         projs = [p for p in PROJECTIONS if any(m.proj == p for m in members)]
         gname = "_".join(projs)
         parts: dict[tuple[str, ...], list[TargetSite]] = {}
@@ -277,8 +296,7 @@ def plan(
             parts.setdefault(part, []).append(m)
         for part, ms in parts.items():
             name = "__".join(part)  # e.g. q_k_v (stacked), q__l3 (per matrix)
-            n_in, n_out, n_heads = key
-            axes = tensor_axes(modes, n_in, n_out, n_heads, len(projs), len(layers))
+            axes = tensor_axes(modes, n_in, n_out, n_heads, len(projs), len(group_layers))
             try:
                 problems += [f"{name}: {p}" for p in fact.check(axes, spec.rank, options)]
                 if problems:
@@ -297,33 +315,44 @@ def plan(
                 if "qkv" in modes:
                     index.append(("qkv", projs.index(m.proj)))
                 if "depth" in modes:
-                    index.append(("depth", layers.index(m.layer)))
-                targets.append(_target_plan(tp, m, tuple(index)))
-                lora_params += r_nom * (m.in_features + m.out_features)
+                    index.append(("depth", group_layers.index(m.layer)))
+                targets.append(_target_plan(tp, m, tuple(index), lorta, strided))
     if problems:
         raise PlanError("; ".join(problems))
+    n_params = sum(t.n_params for t in tensors)
+    if 4 * n_params > MAX_FACTOR_BYTES:
+        raise PlanError(
+            f"rank: the factors would hold {n_params:,} parameters "
+            f"({4 * n_params / 2**30:.1f} GiB in float32), more than the "
+            f"{MAX_FACTOR_BYTES // 2**30} GiB tensadapt allows; lower the rank"
+        )
 
-    flops = _total_flops(targets)
+    r_nom = nominal_rank(spec.rank)
+    lora_params, lora_flops = lora_equivalent(targets, r_nom)
     return Plan(
         spec=spec,
         architecture=arch.fingerprint(),
         tensors=tuple(tensors),
         targets=tuple(sorted(targets, key=lambda t: (t.layer, PROJECTIONS.index(t.proj)))),
-        n_params=sum(t.n_params for t in tensors),
+        n_params=n_params,
         lora_params=lora_params,
-        flops_per_token=flops,
-        lora_flops_per_token=float(
-            sum(2 * r_nom * (t.in_features + t.out_features) for t in targets)
-        ),
-        model_params=_model_params(model_or_config, arch),
+        flops_per_token=total_flops(targets),
+        lora_flops_per_token=lora_flops,
+        model_params=_model_params(model_or_config),
         memory=memory_plan(
             [t.in_features * t.out_features for t in targets],
-            sum(t.n_params for t in tensors),
+            n_params,
             spec.residual,
             spec.base,
             _weight_dtype(model_or_config),
         ),
     )
+
+
+def _model_params(model_or_config: Any) -> int | None:
+    if hasattr(model_or_config, "parameters"):
+        return sum(p.numel() for p in model_or_config.parameters())
+    return None
 
 
 def _weight_dtype(model_or_config: Any) -> str:
@@ -341,25 +370,38 @@ def _weight_dtype(model_or_config: Any) -> str:
     return str(d).removeprefix("torch.") if d not in (None, "auto") else "float32"
 
 
-def _group_key(s: TargetSite, modes: Sequence[str]) -> tuple[int, int, int]:
-    n_in, n_out = (
-        (s.out_features, s.in_features)
-        if s.proj in WRITE_PROJECTIONS
-        else (s.in_features, s.out_features)
-    )
-    heads = s.n_heads if ("heads" in modes and s.head_side is not None) else 0
-    return (n_in, n_out, heads)
+def _transposed(s: TargetSite, lorta: bool) -> bool:
+    """Whether the slice is ``ΔWᵀ``: write-out projections always; with the LoRTA authors'
+    orientation every head-structured projection (q, k, v as well as o)."""
+    return s.proj in WRITE_PROJECTIONS or (lorta and s.head_side is not None)
+
+
+def _oriented(s: TargetSite, lorta: bool) -> tuple[int, int]:
+    """``(in, out)`` widths of the oriented slice: its ``in`` axis first."""
+    if _transposed(s, lorta):
+        return s.out_features, s.in_features
+    return s.in_features, s.out_features
 
 
 def _target_plan(
-    tp: TensorPlan, site: TargetSite, index: tuple[tuple[str, int], ...]
+    tp: TensorPlan,
+    site: TargetSite,
+    index: tuple[tuple[str, int], ...],
+    lorta: bool,
+    strided: bool,
 ) -> TargetPlan:
     axes_legs = dict(tp.axis_legs)
-    transposed = site.proj in WRITE_PROJECTIONS
-    head_side = out_side(tp.axes)
+    transposed = _transposed(site, lorta)
+    names = [a.name for a in tp.axes]
+    # the head side in flattening order: contiguous heads are the model's real heads (head
+    # outer, head_dim inner); strided ones interleave them (head_dim outer), as tl.unfold does
+    if "heads" in names:
+        head_side = ["head_dim", "heads"] if strided else ["heads", "head_dim"]
+    else:
+        head_side = ["out"]
     x_axes, y_axes = (head_side, ["in"]) if transposed else (["in"], head_side)
-    x_legs = [leg for a in x_axes for leg in axes_legs[a]]
-    y_legs = [leg for a in y_axes for leg in axes_legs[a]]
+    x_legs = tuple(leg for a in x_axes for leg in axes_legs[a])
+    y_legs = tuple(leg for a in y_axes for leg in axes_legs[a])
     fixed = {axes_legs[a][0]: i for a, i in index}
     sizes = dict(tp.leg_sizes)
 
@@ -372,38 +414,47 @@ def _target_plan(
         legs = tuple(leg for leg in f.legs if leg not in fixed)
         sliced.append((f.name, legs, tuple(sizes[leg] for leg in legs)))
         selects.append((f.name, picks))
+    picks_of = dict(selects)
 
-    sym: dict[str, str] = {}
-
-    def s(legs: Sequence[str]) -> str:
-        for leg in legs:
-            sym.setdefault(leg, oe.get_symbol(len(sym)))
-        return "".join(sym[leg] for leg in legs)
-
-    tok = "__tokens__"
     x_shape = tuple(sizes[leg] for leg in x_legs)
     holders = [f for f in sliced if set(f[1]) & set(x_legs)]
     stage_in = None
     share_key = f"{tp.name}:{'T' if transposed else 'N'}"
-    if len(holders) == 1 and set(x_legs) <= set(holders[0][1]) and not dict(selects)[holders[0][0]]:
+    if len(holders) == 1 and set(x_legs) <= set(holders[0][1]) and not picks_of[holders[0][0]]:
         fin = holders[0]
-        bonds = [leg for leg in fin[1] if leg not in x_legs]
-        eq1 = f"{s([tok, *x_legs])},{s(fin[1])}->{s([tok, *bonds])}"
-        stage_in = _stage(eq1, ("x", fin[0]), ((-1, *x_shape), fin[2]))
+        bonds = tuple(leg for leg in fin[1] if leg not in x_legs)
+        stage_in = _stage(
+            [(TOKENS, *x_legs), fin[1]],
+            (TOKENS, *bonds),
+            ("x", fin[0]),
+            ((-1, *x_shape), fin[2]),
+            sizes,
+        )
         rest = [f for f in sliced if f is not fin]
         z_shape = tuple(sizes[leg] for leg in bonds)
-        eq2 = ",".join([s([tok, *bonds])] + [s(f[1]) for f in rest]) + "->" + s([tok, *y_legs])
         stage_out = _stage(
-            eq2, ("z", *[f[0] for f in rest]), ((-1, *z_shape), *[f[2] for f in rest])
+            [(TOKENS, *bonds), *[f[1] for f in rest]],
+            (TOKENS, *y_legs),
+            ("z", *[f[0] for f in rest]),
+            ((-1, *z_shape), *[f[2] for f in rest]),
+            sizes,
         )
     else:
-        eq = ",".join([s([tok, *x_legs])] + [s(f[1]) for f in sliced]) + "->" + s([tok, *y_legs])
         stage_out = _stage(
-            eq, ("x", *[f[0] for f in sliced]), ((-1, *x_shape), *[f[2] for f in sliced])
+            [(TOKENS, *x_legs), *[f[1] for f in sliced]],
+            (TOKENS, *y_legs),
+            ("x", *[f[0] for f in sliced]),
+            ((-1, *x_shape), *[f[2] for f in sliced]),
+            sizes,
         )
-    eqd = ",".join(s(f[1]) for f in sliced) + "->" + s([*x_legs, *y_legs])
-    delta = _stage(eqd, tuple(f[0] for f in sliced), tuple(f[2] for f in sliced), tokens=False)
-    route = _route(tp.name, sliced, selects, x_legs, y_legs, sizes, transposed)
+    delta_eq = contract.equation([f[1] for f in sliced], (*x_legs, *y_legs))
+    delta = Stage(
+        delta_eq,
+        tuple(f[0] for f in sliced),
+        tuple(f[2] for f in sliced),
+        contract.flops([f[1] for f in sliced], (*x_legs, *y_legs), sizes),
+    )
+    route = best_route(tp.name, sliced, picks_of, x_legs, y_legs, sizes, transposed)
     return TargetPlan(
         layer=site.layer,
         proj=site.proj,
@@ -413,9 +464,11 @@ def _target_plan(
         transposed=transposed,
         in_features=site.in_features,
         out_features=site.out_features,
-        out_slice=site.out_slice,
+        fused=site.fused,
         layout=site.layout,
         selects=tuple(selects),
+        x_legs=x_legs,
+        y_legs=y_legs,
         stage_in=stage_in,
         stage_out=stage_out,
         delta=delta,
@@ -424,197 +477,33 @@ def _target_plan(
     )
 
 
-def _route(
-    tensor: str,
-    sliced: Sequence[tuple[str, tuple[str, ...], tuple[int, ...]]],
-    selects: Sequence[tuple[str, tuple[tuple[int, int], ...]]],
-    x_legs: Sequence[str],
-    y_legs: Sequence[str],
-    sizes: Mapping[str, int],
-    transposed: bool,
-) -> Route | None:
-    """The cheapest two-matrix split of a target's (index-sliced) factors, or ``None`` when a
-    factor holds both input and output legs (MPO cores): that network has no such split.
-
-    Every factor holding an input leg goes to ``P_in``, every factor holding an output leg to
-    ``P_out``; the others (cores, stacked-axis factors) go to whichever side gives the lowest
-    FLOPs at :data:`NOMINAL_TOKENS` (all ``2^k`` assignments are tried; ``k`` is small).
-    """
-    xs, ys = set(x_legs), set(y_legs)
-    must_in = [f for f in sliced if set(f[1]) & xs]
-    must_out = [f for f in sliced if set(f[1]) & ys]
-    if any(f in must_out for f in must_in) or not must_in or not must_out:
-        return None
-    free = [f for f in sliced if f not in must_in and f not in must_out]
-    x_dim = math.prod(sizes[leg] for leg in x_legs)
-    y_dim = math.prod(sizes[leg] for leg in y_legs)
-    best: tuple[float, Route] | None = None
-    for mask in range(1 << len(free)):
-        ins = must_in + [f for i, f in enumerate(free) if mask >> i & 1]
-        outs = must_out + [f for i, f in enumerate(free) if not mask >> i & 1]
-        in_legs = {leg for f in ins for leg in f[1]}
-        out_legs = {leg for f in outs for leg in f[1]}
-        bonds = tuple(
-            dict.fromkeys(leg for f in sliced for leg in f[1] if leg in in_legs & out_legs)
-        )
-        rank = math.prod(sizes[leg] for leg in bonds)
-        fixed = _group_flops(ins, [*x_legs, *bonds], sizes) + _group_flops(
-            outs, [*bonds, *y_legs], sizes
-        )
-        per_token = 2.0 * (x_dim * rank + rank * y_dim)
-        cost = fixed + NOMINAL_TOKENS * per_token
-        if best is None or cost < best[0]:
-            picks = dict(selects)
-            in_key = f"{tensor}:" + ",".join(f"{f[0]}{list(picks[f[0]])}" for f in ins)
-            best = (
-                cost,
-                Route(
-                    in_factors=tuple(f[0] for f in ins),
-                    out_factors=tuple(f[0] for f in outs),
-                    x_legs=tuple(x_legs),
-                    y_legs=tuple(y_legs),
-                    bond_legs=bonds,
-                    rank=rank,
-                    fixed_flops=fixed,
-                    flops_per_token=per_token,
-                    in_key=in_key + (":T" if transposed else ":N"),
-                ),
-            )
-    return best[1] if best else None
-
-
-def _group_flops(
-    group: Sequence[tuple[str, tuple[str, ...], tuple[int, ...]]],
-    keep: Sequence[str],
-    sizes: Mapping[str, int],
-) -> float:
-    """opt_einsum's optimal FLOPs to contract ``group`` into the legs ``keep`` (0 for one factor)."""
-    if len(group) < 2:
-        return 0.0
-    sym: dict[str, str] = {}
-    for f in group:
-        for leg in f[1]:
-            sym.setdefault(leg, oe.get_symbol(len(sym)))
-    eq = ",".join("".join(sym[leg] for leg in f[1]) for f in group)
-    eq += "->" + "".join(sym[leg] for leg in keep)
-    return _path_cost(eq, tuple(f[2] for f in group))
-
-
-@functools.lru_cache(maxsize=4096)
-def _path_cost(eq: str, shapes: tuple[tuple[int, ...], ...]) -> float:
-    """opt_einsum's FLOPs on its best path (memoised: the targets of one tensor share shapes)."""
-    _, info = oe.contract_path(
-        eq, *shapes, shapes=True, optimize="optimal" if len(shapes) <= 6 else "auto"
-    )
-    return float(info.opt_cost)
-
-
-def route_path_flops(t: TargetPlan, tp: TensorPlan, tokens: int) -> tuple[float, float]:
-    """``(ours, optimal)``: opt_einsum's FLOP count of the whole target network ``x, factors ->
-    update`` at ``tokens`` rows on the path the adapter runs (``route``: build ``P_in``, ``P_out``,
-    then ``x·P_in·P_out``; else the rebuild or stage path), and on opt_einsum's ``optimal`` path.
-    Shared work (``x·P_in`` for q, k and v) is counted in full for every target.
-    """
-    sizes = dict(tp.leg_sizes)
-    picks = dict(t.selects)
-    ops = []
-    for f in tp.factors:
-        drop = {d for d, _ in picks[f.name]}
-        legs = tuple(leg for d, leg in enumerate(f.legs) if d not in drop)
-        ops.append((f.name, legs))
-    axes_legs = dict(tp.axis_legs)
-    head_side = out_side(tp.axes)
-    x_axes, y_axes = (head_side, ["in"]) if t.transposed else (["in"], head_side)
-    xl = [leg for a in x_axes for leg in axes_legs[a]]
-    yl = [leg for a in y_axes for leg in axes_legs[a]]
-    sym: dict[str, str] = {}
-
-    def s(legs: Sequence[str]) -> str:
-        for leg in legs:
-            sym.setdefault(leg, oe.get_symbol(len(sym)))
-        return "".join(sym[leg] for leg in legs)
-
-    tok = "__tokens__"
-    sizes[tok] = tokens
-    eq = ",".join([s([tok, *xl])] + [s(legs) for _, legs in ops]) + "->" + s([tok, *yl])
-    shapes = [tuple(sizes[leg] for leg in [tok, *xl])] + [
-        tuple(sizes[leg] for leg in legs) for _, legs in ops
-    ]
-    _, opt = oe.contract_path(
-        eq, *shapes, shapes=True, optimize="optimal" if len(shapes) <= 7 else "auto-hq"
-    )
-    # the route's P_in / P_out are contracted on opt_einsum's optimal path (fixed_flops), then
-    # x·P_in and z·P_out cost 2·T·X·R and 2·T·R·Y: opt_einsum's own convention for both
-    return t.costs(tokens)[t.strategy(tokens)], float(opt.opt_cost)
-
-
-@functools.lru_cache(maxsize=4096)
 def _stage(
-    eq: str, operands: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], tokens: bool = True
+    inputs: Sequence[Sequence[str]],
+    output: Sequence[str],
+    operands: tuple[str, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    sizes: Mapping[str, int],
 ) -> Stage:
-    """Price one einsum (cached: the targets of a tensor share a handful of equations)."""
-    real = tuple(tuple(NOMINAL_TOKENS if d == -1 else d for d in sh) for sh in shapes)
-    cost = _path_cost(eq, real) / (NOMINAL_TOKENS if tokens else 1)
-    return Stage(eq, operands, shapes, cost)
-
-
-def _total_flops(targets: Sequence[TargetPlan]) -> float:
-    seen: set[tuple[str, int]] = set()
-    total = 0.0
-    for t in targets:
-        if t.stage_in is not None and (t.share_key, t.layer) not in seen:
-            seen.add((t.share_key, t.layer))
-            total += t.stage_in.flops_per_token
-        total += t.stage_out.flops_per_token
-    return total
-
-
-def _fmt_int(n: int | float) -> str:
-    return f"{int(n):,}"
+    """One token-carrying einsum, priced per token."""
+    return Stage(
+        contract.equation(inputs, output), operands, shapes, stage_flops(inputs, output, sizes)
+    )
 
 
 def format_plan(p: Plan) -> str:
-    """The plan as a text table (what ``tensadapt plan`` prints)."""
-    spec = p.spec
-    a = p.architecture
-    head = (
-        f"tensadapt plan: {spec.factorization} over modes [{', '.join(spec.modes) or 'none'}], "
-        f"targets {','.join(spec.targets)}, rank {spec.rank}\n"
-        f"model: {a['family']} ({a['model_type']}), {a['n_layers']} layers, d={a['hidden_size']}, "
-        f"heads={a['n_heads']}, kv_heads={a['n_kv_heads']}, head_dim={a['head_dim']}\n"
-    )
-    rows = [("tensor", "axes", "factors", "params", "targets")]
-    counts: dict[str, int] = {}
-    for t in p.targets:
-        counts[t.tensor] = counts.get(t.tensor, 0) + 1
-    shown = p.tensors if len(p.tensors) <= 12 else (*p.tensors[:10], None, p.tensors[-1])
-    for tp in shown:
-        if tp is None:
-            rows.append((f"... {len(p.tensors) - 11} more", "", "", "", ""))
-            continue
-        axes = " × ".join(f"{x.name}={x.size}" for x in tp.axes)
-        facs = " ".join(f"{f.name}{list(f.shape)}" for f in tp.factors)
-        rows.append((tp.name, axes, facs, _fmt_int(tp.n_params), str(counts.get(tp.name, 0))))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    widths[2] = min(widths[2], 70)
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [r[j] if j != 2 or len(r[j]) <= 70 else r[j][:67] + "..." for j in range(5)]
-        lines.append(
-            "  ".join(c.ljust(widths[j]) if j < 4 else c for j, c in enumerate(cells)).rstrip()
-        )
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    pct = f" ({100 * p.n_params / p.model_params:.4f}% of the model)" if p.model_params else ""
-    tail = (
-        f"\ntrainable parameters: {_fmt_int(p.n_params)}{pct}\n"
-        f"LoRA at rank {nominal_rank(spec.rank)} on the same targets: {_fmt_int(p.lora_params)} "
-        f"(ratio {p.ratio_to_lora:.4f})\n"
-        f"adapter FLOPs per token: {_fmt_int(p.flops_per_token)} "
-        f"(LoRA: {_fmt_int(p.lora_flops_per_token)})\n"
-        f"targets: {len(p.targets)} matrices in {len(p.tensors)} tensor(s)"
-    )
-    extra = "".join(f"\n{k}: {v}" for k, v in p.extras)
-    if p.memory is not None:
-        extra = "".join(f"\n{line}" for line in p.memory.lines()) + extra
-    return head + "\n".join(lines) + tail + extra
+    """The plan as a text table (see :mod:`tensadapt.plan_table`)."""
+    from .plan_table import format_plan as fmt
+
+    return fmt(p)
+
+
+__all__ = [
+    "MAX_FACTOR_BYTES",
+    "Plan",
+    "Route",
+    "Stage",
+    "TargetPlan",
+    "TensorPlan",
+    "format_plan",
+    "plan",
+]

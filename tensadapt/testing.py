@@ -398,17 +398,18 @@ def _randomize(adapter: Any, scale: float = 0.3) -> None:
 def _module_delta(module: Any, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(module(x) - base(x), Σ_t scaling · x·S_t)`` for a random ``x`` (S from reconstruct)."""
 
-    t0 = module.targets[0]
-    width = t0.in_features  # every target of one module reads the same input
+    from . import fused
+
+    targets = module.targets
+    width = targets[0].in_features  # every target of one module reads the same input
     x = torch.randn(3, width, generator=torch.Generator().manual_seed(4))
     got = module(x) - module.base(x)
     want = torch.zeros_like(got)
-    for t in module.targets:
+    for t in targets:
         tp = adapter.plan.tensor(t.tensor)
         full = reconstruct(tp.network, _factor_dict(adapter, tp.name))
         s = _target_matrix(tp, t, full)
-        a, b = t.out_slice or (0, got.shape[-1])
-        want[:, a:b] += adapter.scaling * (x @ s)
+        fused.add_into(want, t.fused, 1, adapter.scaling * (x @ s))
     return got, want
 
 

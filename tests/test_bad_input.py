@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 import tensadapt as ta
 from tensadapt.cli import main
 from tensadapt.errors import AdapterMismatchError, NonFiniteError, SpecError, TensadaptError
-from tensadapt.io import ADAPTER_FILE, PLAN_FILE, SPEC_FILE
+from tensadapt.io import ADAPTER_FILE, CONFIG_FILE, sha256
 from tensadapt.model import get_adapter
 from tensadapt.numerics import FiniteCheckCallback, check_finite
 
@@ -137,15 +137,77 @@ def newer_tensor_format(d: Path) -> None:
     _load(d)
 
 
-def newer_plan_format(d: Path) -> None:
-    p = json.loads((d / PLAN_FILE).read_text())
-    p["format_version"] = 99
-    (d / PLAN_FILE).write_text(json.dumps(p))
+def recommit(d: Path, edit: Callable[[dict[str, Any], dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite adapter.safetensors with ``edit`` applied to its committed config and tensors
+    (as a careful attacker would: the result is a well-formed safetensors file)."""
+    from safetensors import safe_open
+
+    state = load_file(str(d / ADAPTER_FILE))
+    with safe_open(str(d / ADAPTER_FILE), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    config = json.loads(meta["config"])
+    edit(config, state)
+    meta["config"] = json.dumps(config)
+    save_file(state, str(d / ADAPTER_FILE), metadata=meta)
+    (d / CONFIG_FILE).write_text(meta["config"])
+
+
+def newer_config_format(d: Path) -> None:
+    recommit(d, lambda c, s: c.update(format_version=99))
     _load(d)
 
 
-def corrupted_plan(d: Path) -> None:
-    (d / PLAN_FILE).write_text('{"format_version": 1, "architec')
+def corrupted_config(d: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(d / ADAPTER_FILE), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta["config"] = '{"format_version": 2, "architec'
+    save_file(load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE), metadata=meta)
+    _load(d)
+
+
+def config_wrong_type(d: Path) -> None:
+    recommit(d, lambda c, s: c.update(num_labels="3"))
+    _load(d)
+
+
+def config_huge_labels(d: Path) -> None:
+    recommit(d, lambda c, s: c.update(num_labels=1_000_000_000))
+    _load(d)
+
+
+def added_tensor(d: Path) -> None:
+    """A tensor the config does not record (added after saving)."""
+    state = load_file(str(d / ADAPTER_FILE))
+    from safetensors import safe_open
+
+    with safe_open(str(d / ADAPTER_FILE), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    state["modules_to_save.embeddings.word_embeddings.weight"] = torch.zeros(1000, 32)
+    save_file(state, str(d / ADAPTER_FILE), metadata=meta)
+    _load(d)
+
+
+def undeclared_module(d: Path) -> None:
+    """A consistently re-signed tensor for a module the spec does not save: refused, so it can
+    never overwrite the base embeddings."""
+
+    def edit(c: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        k = "modules_to_save.embeddings.word_embeddings.weight"
+        state[k] = torch.zeros(1000, 32)
+        c["tensors"][k] = {"shape": [1000, 32], "dtype": "float32", "sha256": sha256(state[k])}
+
+    recommit(d, edit)
+    _load(d)
+
+
+def fifo_config(d: Path) -> None:
+    """A FIFO where the tensors file should be: refused at once, never opened (would block)."""
+    import os
+
+    (d / ADAPTER_FILE).unlink()
+    os.mkfifo(d / ADAPTER_FILE)
     _load(d)
 
 
@@ -190,12 +252,15 @@ def gpt2_model(d: Path) -> None:
 
 
 def other_targets(d: Path) -> None:
-    """plan.json lists a target the model's plan lacks (an adapter made on another variant)."""
-    p = json.loads((d / PLAN_FILE).read_text())
-    extra = dict(p["targets"][0], layer=7)
-    p["targets"].append(extra)
-    p["targets"][1]["in_features"] = 48
-    (d / PLAN_FILE).write_text(json.dumps(p))
+    """The config lists a target the model's plan lacks (an adapter made on another variant)."""
+
+    def edit(c: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        first = next(iter(c["targets"].values()))
+        c["targets"]["q.7"] = list(first)
+        key = sorted(c["targets"])[1]
+        c["targets"][key][0] = 48
+
+    recommit(d, edit)
     _load(d)
 
 
@@ -302,7 +367,7 @@ CASES = [
     ),
     Case("garbage-header", garbage_header, AdapterMismatchError, "truncated or corrupted"),
     Case("header-length-lies", header_length_lies, AdapterMismatchError, "truncated or corrupted"),
-    Case("nan-bit-rot", nan_bytes, AdapterMismatchError, r"tensor '.*' holds NaN or inf"),
+    Case("nan-bit-rot", nan_bytes, AdapterMismatchError, r"tensor '.*' fails its checksum"),
     Case(
         "peft-file-not-ours",
         not_tensadapt_file,
@@ -313,18 +378,34 @@ CASES = [
         "wrong-tensor-shape",
         wrong_shape,
         AdapterMismatchError,
-        r"has shape \(.*\), the model expects",
+        r"tensor '.*' is float32\[.*\], its record says float32\[",
     ),
+    Case("corrupted-config", corrupted_config, AdapterMismatchError, r"corrupted config"),
     Case(
-        "corrupted-plan", corrupted_plan, AdapterMismatchError, r"plan\.json: corrupted plan file"
-    ),
-    Case(
-        "missing-plan",
-        missing(PLAN_FILE),
+        "config-wrong-type",
+        config_wrong_type,
         AdapterMismatchError,
-        r"not a tensadapt adapter directory \(no plan\.json\)",
+        r"corrupted adapter config: num_labels",
     ),
-    Case("missing-spec", missing(SPEC_FILE), AdapterMismatchError, r"no spec\.yaml"),
+    Case(
+        "config-huge-labels",
+        config_huge_labels,
+        AdapterMismatchError,
+        r"corrupted adapter config: num_labels: Input should be less than or equal to 100000",
+    ),
+    Case(
+        "added-tensor",
+        added_tensor,
+        AdapterMismatchError,
+        r"tensor 'modules_to_save\.embeddings.*' is not recorded in the adapter's config",
+    ),
+    Case(
+        "undeclared-module",
+        undeclared_module,
+        AdapterMismatchError,
+        r"unexpected tensor 'modules_to_save\.embeddings.*modules_to_save does not list",
+    ),
+    Case("fifo-tensors", fifo_config, AdapterMismatchError, r"not a regular file"),
     Case(
         "missing-tensors",
         missing(ADAPTER_FILE),
@@ -335,8 +416,8 @@ CASES = [
     Case("no-such-dir", no_dir, AdapterMismatchError, "adapter directory not found"),
     # load_adapter: newer format
     Case(
-        "newer-plan-format",
-        newer_plan_format,
+        "newer-config-format",
+        newer_config_format,
         AdapterMismatchError,
         r"format version 99 is newer .*upgrade",
     ),
@@ -422,7 +503,7 @@ CASES = [
     Case(
         "cli-export-file",
         lambda d: cli(
-            "export", str(d / SPEC_FILE), "--to", "merged", "-m", "tiny-bert", "-o", str(d / "o")
+            "export", str(d / ADAPTER_FILE), "--to", "merged", "-m", "tiny-bert", "-o", str(d / "o")
         ),
         CliFailed,
         "is a file, expected an adapter directory",
@@ -435,7 +516,7 @@ CASES = [
             else None
         ),
         CliFailed,
-        r"not a tensadapt adapter directory \(no plan\.json\)",
+        r"not a tensadapt adapter directory \(no adapter\.safetensors",
     ),
     Case(
         "cli-export-bad-class",
@@ -488,13 +569,16 @@ def test_valid_adapter_still_loads(saved: Path) -> None:
     assert ta.trainable_parameters(model) > 0
 
 
-def test_spec_yaml_hand_edit_uses_embedded_spec(saved: Path, tmp_path: Path) -> None:
-    """adapter.safetensors carries the spec it was saved with; a stale spec.yaml (interrupted
-    save, or a hand edit) is reported and the tensors' own spec wins."""
+def test_config_hand_edit_uses_committed_config(saved: Path, tmp_path: Path) -> None:
+    """adapter.safetensors carries the config it was committed with; a stale
+    adapter_config.json (interrupted save, or a hand edit) is reported and the committed one
+    wins."""
     d = tmp_path / "a"
     shutil.copytree(saved, d)
-    (d / SPEC_FILE).write_text((d / SPEC_FILE).read_text().replace("alpha: null", "alpha: 99.0"))
-    with pytest.warns(UserWarning, match="differs from the spec saved inside"):
+    text = (d / CONFIG_FILE).read_text()
+    assert '"alpha": null' in text
+    (d / CONFIG_FILE).write_text(text.replace('"alpha": null', '"alpha": 99.0'))
+    with pytest.warns(UserWarning, match="differs from the config committed inside"):
         model = ta.load_adapter(build_model("tiny-bert"), d)
     assert get_adapter(model).plan.spec.alpha is None
 

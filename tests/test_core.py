@@ -103,7 +103,7 @@ def test_merge_and_unload_gives_plain_model() -> None:
         adapted = hidden(model, inputs)
     ta.merge_and_unload(model)
     assert not adapted_modules(model)
-    assert not hasattr(model, "tensadapt_adapter")
+    assert not hasattr(model, "tensadapt_adapters")
     assert all(type(m).__name__ != "AdaptedLinear" for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(hidden(model, inputs), adapted, rtol=1e-4, atol=1e-4)
@@ -216,10 +216,9 @@ def test_save_load_roundtrip(tmp_path) -> None:
     with torch.no_grad():
         adapted = hidden(model, inputs)
     ta.save_adapter(model, tmp_path / "ad")
-    assert {p.name for p in (tmp_path / "ad").iterdir()} == {
+    assert {p.name for p in (tmp_path / "ad").iterdir() if not p.name.startswith(".")} == {
         "adapter.safetensors",
-        "spec.yaml",
-        "plan.json",
+        "adapter_config.json",
     }
     fresh = build_model("tiny-llama")
     ta.load_adapter(fresh, tmp_path / "ad")
@@ -236,7 +235,14 @@ def test_load_adapter_refuses_other_model(tmp_path) -> None:
 
 
 def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
+    """A load that fails after the adapter was put on the model (a NaN saved with a valid
+    checksum, as a diverged run would save it) rolls the model back exactly."""
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    from tensadapt.io import sha256
 
     model = build_model("tiny-bert")
     inputs = model_inputs(model)
@@ -245,10 +251,16 @@ def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
     ta.save_adapter(model, tmp_path / "ad")
     path = tmp_path / "ad" / "adapter.safetensors"
     state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
     key = next(iter(state))
     state[key] = state[key].clone()
     state[key].view(-1)[0] = float("nan")
-    save_file(state, str(path), metadata={"format_version": "1", "tensadapt": "adapter"})
+    config = json.loads(meta["config"])
+    config["tensors"][key]["sha256"] = sha256(state[key])
+    meta["config"] = json.dumps(config)
+    save_file(state, str(path), metadata=meta)
+    (tmp_path / "ad" / "adapter_config.json").write_text(meta["config"])
 
     fresh = build_model("tiny-bert")
     before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
@@ -257,7 +269,7 @@ def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
         out = hidden(fresh, inputs)
     with pytest.raises(ta.AdapterMismatchError, match="NaN"):
         ta.load_adapter(fresh, tmp_path / "ad")
-    assert not adapted_modules(fresh) and not hasattr(fresh, "tensadapt_adapter")
+    assert not adapted_modules(fresh) and not hasattr(fresh, "tensadapt_adapters")
     after = dict(fresh.named_parameters())
     assert set(after) == set(before)
     for n, p in after.items():

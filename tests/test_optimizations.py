@@ -16,9 +16,11 @@ from conftest import build_model, model_inputs
 from torch import nn
 
 import tensadapt as ta
-from tensadapt.model import get_adapter
+from tensadapt.costs import route_path_flops
+from tensadapt.executor import Executor
+from tensadapt.model import TensadaptModel, get_adapter
 from tensadapt.nn import TensorAdapter
-from tensadapt.planner import plan, route_path_flops
+from tensadapt.planner import plan
 
 SPECS: dict[str, dict[str, Any]] = {
     "lora": {"factorization": "lora", "targets": ["q", "k", "v"], "rank": 4},
@@ -91,12 +93,14 @@ def use_reference(model: nn.Module) -> Callable[[], None]:
     """The straightforward forward: base(x) + Σ reference_update(dropout(x)), one dropout call per
     distinct module input (the first time it is seen), columns placed with ``cat``."""
     ad = get_adapter(model)
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # x kept alive: ids stay unique
 
-    def add_updates(targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def add_updates(
+        targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool, frame: Any
+    ) -> torch.Tensor:
         if id(x) not in seen:
-            seen[id(x)] = ad.dropout(x)
-        xd = seen[id(x)]
+            seen[id(x)] = (x, ad.dropout(x))
+        xd = seen[id(x)][1]
         width = y.shape[-1]
         full = torch.zeros_like(y)
         pieces = []
@@ -119,12 +123,13 @@ def use_reference(model: nn.Module) -> Callable[[], None]:
 
 
 def _adapted(preset: str, spec: dict[str, Any], dropout: float = 0.0) -> nn.Module:
-    model = build_model(preset, seed=0)
+    """A :class:`TensadaptModel` (its forward opens the executor's frame: the fast path)."""
+    base = build_model(preset, seed=0)
     # base dropout off: only the adapter's dropout is random (and replayed)
-    for mod in model.modules():
+    for mod in base.modules():
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
-    ta.inject(model, {**spec, "dropout": dropout}, seed=0)
+    model = TensadaptModel(base, {**spec, "dropout": dropout}, seed=0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in get_adapter(model).parameters():
@@ -185,24 +190,25 @@ def test_fast_forward_fp32_and_inference_and_merge() -> None:
     assert rel(merged, unmerged) <= 1e-5
 
 
-def test_shared_input_product_computed_once_per_layer() -> None:
+def test_shared_input_product_computed_once_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """q, k and v of a BERT layer receive the same tensor object, so ``x·P_in`` runs once."""
     model = _adapted("tiny-bert", SPECS["lorta"])
-    ad = get_adapter(model)
     calls: list[int] = []
-    orig = ad._input
+    orig = Executor.side
 
-    def counting(t: Any, kind: str, x: torch.Tensor, n: int) -> torch.Tensor:
-        key = ("z", t.route.in_key, id(x), torch.is_grad_enabled())
-        if key not in ad._fwd:
+    def counting(self: Executor, t: Any, side: str, frame: Any) -> torch.Tensor:
+        if side == "in":  # asked for only when x·P_in is computed
             calls.append(t.layer)
-        return orig(t, kind, x, n)
+        return orig(self, t, side, frame)
 
-    ad._input = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(Executor, "side", counting)
     model(**model_inputs(model))
     n_layers = model.config.num_hidden_layers
     assert len(calls) == 2 * n_layers  # one for q/k/v, one for o, per layer
-    assert not ad._fwd and not ad._active  # the cache lives for one forward only
+    assert model.hub.frame is None  # the frame lives for one forward only
+    calls.clear()
+    model.base_model(**model_inputs(model))  # used in place, without the frame: no sharing
+    assert len(calls) == 4 * n_layers
 
 
 def test_update_outside_a_forward_is_not_cached_across_graphs() -> None:

@@ -151,7 +151,7 @@ def test_checker_accepts_safe_code(snippet: str) -> None:
 
 
 def test_saved_adapter_is_safetensors_and_text_only(tmp_path: Path) -> None:
-    """What save_adapter writes: one safetensors file and two text files, nothing else."""
+    """What save_adapter writes: one safetensors file and one JSON config (plus the save lock)."""
     from conftest import build_model
 
     import tensadapt as ta
@@ -159,7 +159,11 @@ def test_saved_adapter_is_safetensors_and_text_only(tmp_path: Path) -> None:
     model = build_model("tiny-bert")
     ta.inject(model, {"factorization": "cp", "modes": ["qkv", "depth"], "rank": 2})
     d = ta.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in d.iterdir()) == ["adapter.safetensors", "plan.json", "spec.yaml"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        ".tensadapt.lock",
+        "adapter.safetensors",
+        "adapter_config.json",
+    ]
     assert (d / "adapter.safetensors").read_bytes()[8:9] == b"{"  # a JSON header, no pickle
 
 
@@ -194,7 +198,7 @@ def killed_after_commit(path, text):
 if mode == "mid-write":
     tio.save_file = killed_mid_write
 elif mode == "after-commit":
-    tio._write_text = killed_after_commit
+    tio.write_text = killed_after_commit
 ta.save_adapter(model, directory)
 print("save finished: the kill did not happen", file=sys.stderr)
 sys.exit(3)
@@ -253,9 +257,9 @@ def test_kill_mid_save_leaves_old_adapter_intact(tmp_path: Path) -> None:
 
 
 def test_kill_after_tensors_committed_loads_new_adapter_consistently(tmp_path: Path) -> None:
-    """Killed after adapter.safetensors was renamed into place but before spec.yaml/plan.json: the
-    tensors carry their own spec, so the directory loads the *new* adapter, whole (not new
-    tensors under the old spec's alpha)."""
+    """Killed after adapter.safetensors was renamed into place but before adapter_config.json:
+    the tensors file carries the committed config, so the directory loads the *new* adapter,
+    whole (not new tensors under the old spec's alpha)."""
     from conftest import build_model
 
     import tensadapt as ta
@@ -263,8 +267,8 @@ def test_kill_after_tensors_committed_loads_new_adapter_consistently(tmp_path: P
     d = tmp_path / "adapter"
     _old_adapter(d)
     _kill_save(d, "after-commit")
-    assert "rank: 4" in (d / "spec.yaml").read_text()  # the text files are still the old ones
-    with pytest.warns(UserWarning, match="differs from the spec saved inside"):
+    assert '"rank": 4' in (d / "adapter_config.json").read_text()  # still the old readable copy
+    with pytest.warns(UserWarning, match="differs from the config committed inside"):
         model = ta.load_adapter(build_model("tiny-bert"), d)
     assert get_adapter(model).plan.spec.rank == 64 and get_adapter(model).plan.spec.alpha == 16
 
@@ -293,7 +297,7 @@ def test_writer_error_mid_save_keeps_old_and_cleans_up(
     model = build_model("tiny-bert")
     ta.inject(model, SPEC_NEW)
     randomize(model, seed=5)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="disk full.*previous file is intact"):
         ta.save_adapter(model, d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     monkeypatch.undo()

@@ -141,7 +141,7 @@ def test_forward_check(monkeypatch) -> None:
 
 
 def test_merge_check(monkeypatch) -> None:
-    monkeypatch.setattr(ta.nn.AdaptedLinear, "_apply_delta", lambda self, sign: None)
+    monkeypatch.setattr(ta.nn.AdaptedLinear, "_apply_delta", lambda self, name, sign: None)
     with pytest.raises(ConformanceError, match="merge: merged output differs"):
         check_factorization(Good, **ONE_CASE)
 
@@ -153,7 +153,9 @@ def test_unmerge_check(monkeypatch) -> None:
 
 
 def test_save_load_check(monkeypatch) -> None:
-    monkeypatch.setattr("tensadapt.io.load_adapter_state", lambda model, state, source="": None)
+    monkeypatch.setattr(
+        "tensadapt.io.load_adapter_state", lambda model, state, source="", adapter_name=None: None
+    )
     with pytest.raises(ConformanceError, match=r"save/load: factor .* differs after loading"):
         check_factorization(Good, **ONE_CASE)
 

@@ -56,8 +56,7 @@ def test_five_step_train_writes_adapter_spec_and_metrics(prepared, tmp_path):
     assert m["train_tokens"] > 0 and m["tokens_per_s"] > 0
     for f in (
         "adapter.safetensors",
-        "spec.yaml",
-        "plan.json",
+        "adapter_config.json",
         "resolved_spec.yaml",
         "metrics.json",
     ):
