@@ -396,14 +396,17 @@ def lorta(
         factor name -> float32 tensor of the factor's shape.
     """
     out: dict[str, torch.Tensor] = {}
-    for f in net.factors:
+    # drawn in the authors' order (C_l, C_h, C_m, then A), so a generator seeded s gives their
+    # values under torch.manual_seed(s)
+    order = {"depth": 0, "heads": 1, "qkv": 2, "in": 4}
+    for f in sorted(net.factors, key=lambda f: order.get(f.legs[0], 3)):
         if f.name == net.zero_factor:  # U_head_dim (or U_out): their B
             out[f.name] = torch.zeros(f.shape)
             continue
         # torch's own kaiming_uniform_ on [axis, r]: fan-in r, exactly the authors' bound
         a = math.sqrt(5) if f.legs[0] == "in" else 0.0
         out[f.name] = torch.nn.init.kaiming_uniform_(torch.empty(f.shape), a=a, generator=gen)
-    return out
+    return {f.name: out[f.name] for f in net.factors}
 
 
 @_make(
