@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import tensorly as tl
 import torch
-from conftest import SHARED
+from conftest import ROOT, SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -398,3 +398,47 @@ def test_tenslora_strided_split_equals_the_authors(
         want = _authors_update(full[t.tensor], method, qkv_row[t.proj], t.layer)
         got = adapter.delta_slice(t).detach()  # x·S is the update, as their x @ M
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- specs/papers: one spec per published setup ---------------------------------------------------
+PAPER_SPECS = sorted((ROOT / "specs" / "papers").glob("*.yaml"))
+
+
+def _paper_model(name: str) -> str:
+    for prefix, model in (
+        ("lorta-glue-roberta-base", "roberta-base"),
+        ("lorta-glue-roberta-large", "roberta-large"),
+        ("tenslora-", "roberta-base"),
+        ("dota-llama2-7b", "llama2-7b"),
+        ("dota-llama3-8b", "llama3-8b"),
+        ("qdota-llama3-8b", "llama3-8b"),
+    ):
+        if name.startswith(prefix):
+            return model
+    raise AssertionError(f"no model known for {name}")
+
+
+def test_paper_specs_cover_every_published_setup() -> None:
+    names = {p.stem for p in PAPER_SPECS}
+    tasks = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
+    want = {f"lorta-glue-roberta-{s}-{t}" for s in ("base", "large") for t in tasks}
+    want |= {f"tenslora-{m}" for m in ("att", "qkv", "depth", "att-qkv", "att-depth", "qkv-depth")}
+    want |= {"tenslora-att-qkv-depth", "qdota-llama3-8b-commonsense", "dota-llama2-7b-metamath"}
+    want |= {"dota-llama2-7b-commonsense", "dota-llama3-8b-commonsense"}
+    assert names == want
+    for p in PAPER_SPECS:
+        head = p.read_text(encoding="utf-8").split("\nname:", 1)[0]
+        assert head.startswith("# ") and ("arXiv" in head or "ICASSP" in head), p.name
+        assert f"Run: tensadapt train specs/papers/{p.name}" in head, p.name
+
+
+@pytest.mark.parametrize("path", PAPER_SPECS, ids=[p.stem for p in PAPER_SPECS])
+def test_paper_spec_validates_and_plans(path) -> None:
+    _requires("orientation", "head_layout", "training")
+    spec = ta.load_spec(path)
+    p = plan(spec, _paper_model(path.stem))
+    assert p.n_params > 0
+    if path.stem.startswith("lorta"):
+        assert spec.scaling == pytest.approx(1 / spec.rank)  # their lora_alpha = 1
+    else:
+        assert spec.scaling == 1.0  # TensLoRA's multiplier 1.0; DoTA has no scale
