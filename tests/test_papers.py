@@ -100,6 +100,26 @@ def test_authors_forward_reimplemented_gives_their_delta_weights() -> None:
 
 
 @needs_ref
+def test_authors_model_is_base_plus_their_delta_and_classifier() -> None:
+    """Their adapted model, rebuilt by hand: every module's weight + the re-implemented ΔW, the
+    classifier from their checkpoint; its logits are the ones their code wrote."""
+    factors, config, expected = _ref_factors()
+    model = _reference_model()
+    saved = lorta_peft.read_checkpoint(REF / "lorta_adapter").saved
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t)
+        for layer in range(factors["lora_C_l"].shape[0]):
+            for module, m in ROBERTA_MODULES.values():
+                w = params[f"roberta.encoder.layer.{layer}.{module}.weight"]
+                w += _authors_delta(factors, m, layer, config["lora_alpha"] / config["r"])
+        logits = model(input_ids=expected["ids"]).logits
+    rel = float((logits - expected["logits"]).norm() / expected["logits"].norm())
+    assert rel <= 1e-5, rel
+
+
+@needs_ref
 def test_checkpoint_reads_and_maps_to_a_tensadapt_spec() -> None:
     ckpt = lorta_peft.read_checkpoint(REF / "lorta_adapter")
     spec = lorta_peft.spec_for(ckpt)
