@@ -1,8 +1,11 @@
-"""Initialisers from pretrained weights, and the frozen residual they leave behind.
+"""Initialisers: how an adapter's factors start, and the frozen residual a pretrained one leaves.
 
 ``init: zeros`` needs nothing from here (:func:`~tensadapt.factorizations.base.default_init` gives a
-zero update). Every other init starts the factors from a decomposition of the *pretrained* weights
-that the spec targets, stacked into the same tensor as the update:
+zero update). Each other init is an :class:`Initializer` in the registry. Two reproduce the papers'
+own zero-update initialisations exactly (``pretrained = False``; see ``docs/papers.md``):
+:func:`lorta` (the LoRTA authors' CP init) and :func:`tenslora` (the TensLoRA authors' Tucker / CP
+init). The pretrained ones (``svd``, ``mpo``) start the factors from a decomposition of the
+*pretrained* weights that the spec targets, stacked into the same tensor as the update:
 
 1. :func:`pretrained_tensor` puts each target's ``S0 = W0ᵀ`` (``[in_features, out_features]``, the
    inverse of :meth:`~tensadapt.nn.TensorAdapter.delta_slice`) into the tensor at the target's
@@ -287,6 +290,62 @@ def decompose(
     return {k: v.contiguous() for k, v in factors.items()}
 
 
+@dataclass(frozen=True)
+class Initializer:
+    """An initialiser as specs and the registry see it: a callable with its facts.
+
+    Called as ``init(factorization, network, full, generator) -> {factor name: tensor}``.
+
+    Attributes:
+        name: the name specs use (``init: <name>``).
+        description: one line for ``tensadapt plugins``.
+        pretrained: whether it starts from the pretrained weights. ``True``: ``full`` is the
+            stacked pretrained tensor ``[axis sizes...]`` divided by the scaling, and the init's
+            reconstruction is subtracted into a residual (:func:`initialize`). ``False``: ``full``
+            is ``None`` and the factors it returns give an update of exactly 0.
+        factorizations: the formats it initialises.
+    """
+
+    fn: Callable[
+        [str, Network, torch.Tensor | None, torch.Generator | None], dict[str, torch.Tensor]
+    ]
+    name: str
+    description: str
+    pretrained: bool
+    factorizations: tuple[str, ...]
+
+    def __call__(
+        self,
+        factorization: str,
+        net: Network,
+        full: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if factorization not in self.factorizations:
+            raise PlanError(
+                f"init: {self.name!r} initialises factorization(s) {', '.join(self.factorizations)}, "
+                f"not {factorization!r}"
+            )
+        if self.pretrained and full is None:
+            raise PlanError(f"init: {self.name!r} needs the pretrained weights (full=None given)")
+        return self.fn(factorization, net, full, generator)
+
+
+def _make(
+    name: str, description: str, pretrained: bool, factorizations: tuple[str, ...]
+) -> Callable[[Callable[..., dict[str, torch.Tensor]]], Initializer]:
+    def wrap(fn: Callable[..., dict[str, torch.Tensor]]) -> Initializer:
+        return Initializer(fn, name, description, pretrained, factorizations)
+
+    return wrap
+
+
+@_make(
+    "svd",
+    "pretrained weights by SVD / HOSVD-HOOI / CP-ALS / TT-SVD",
+    True,
+    ("lora", "cp", "tucker", "tt"),
+)
 def svd(
     factorization: str, net: Network, full: torch.Tensor, gen: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
@@ -296,24 +355,97 @@ def svd(
     return decompose(factorization, net, full, gen)
 
 
+@_make("mpo", "pretrained weights by DoTA's MPO (TT-matrix SVD)", True, ("mpo",))
 def mpo(
     factorization: str, net: Network, full: torch.Tensor, gen: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
     """DoTA's MPO decomposition of each pretrained matrix (TT-SVD on the (i_k, j_k)-paired
-    reshape), bond ranks truncated to ``rank``."""
-    if factorization != "mpo":
-        raise PlanError(f"init: 'mpo' initialises factorization 'mpo' only, not {factorization!r}")
+    reshape), bond ranks ``min(R, R_k)`` as the network declares them (see
+    :mod:`tensadapt.factorizations.mpo`)."""
     return decompose(factorization, net, full, gen)
 
 
-svd.description = "pretrained weights by SVD / HOSVD-HOOI / CP-ALS / TT-SVD"  # type: ignore[attr-defined]
-mpo.description = "pretrained weights by DoTA's MPO (TT-matrix SVD)"  # type: ignore[attr-defined]
+# -- the papers' zero-update initialisers (docs/papers.md) ---------------------------------------
+@_make(
+    "lorta",
+    "LoRTA authors' init: A ~ U(±1/√r), C_h, C_m, C_l ~ U(±√(6/r)), B = 0",
+    False,
+    ("cp",),
+)
+def lorta(
+    factorization: str, net: Network, full: None = None, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRTA authors' initialisation of their CP factors (PEFT fork, ``tuners/lorta/model.py``,
+    ``inject_adapter``), on tensadapt's factor names.
+
+    Their factors are ``A [d, r]`` (the model-width side: tensadapt's ``U_in``), ``B [r, d/H]``
+    (``U_head_dim``, transposed), ``C_h [H, r]`` (``U_heads``), ``C_m [4, r]`` (``U_qkv``) and
+    ``C_l [L, r]`` (``U_depth``). ``A`` gets ``kaiming_uniform_(a=√5)`` on ``[d, r]`` (fan-in
+    ``r``): ``U(±1/√r)``; each ``C`` gets ``kaiming_uniform_(a=√5·init_scale)`` with their default
+    ``init_scale = 0``: ``U(±√(6/r))``; ``B`` is zero, so the update is exactly 0 at step 0. Without
+    the heads mode the output-side factor ``U_out`` plays ``B``.
+
+    Returns:
+        factor name -> float32 tensor of the factor's shape.
+    """
+    out: dict[str, torch.Tensor] = {}
+    # drawn in the authors' order (C_l, C_h, C_m, then A), so a generator seeded s gives their
+    # values under torch.manual_seed(s)
+    order = {"depth": 0, "heads": 1, "qkv": 2, "in": 4}
+    for f in sorted(net.factors, key=lambda f: order.get(f.legs[0], 3)):
+        if f.name == net.zero_factor:  # U_head_dim (or U_out): their B
+            out[f.name] = torch.zeros(f.shape)
+            continue
+        # torch's own kaiming_uniform_ on [axis, r]: fan-in r, exactly the authors' bound
+        a = math.sqrt(5) if f.legs[0] == "in" else 0.0
+        out[f.name] = torch.nn.init.kaiming_uniform_(torch.empty(f.shape), a=a, generator=gen)
+    return {f.name: out[f.name] for f in net.factors}
+
+
+@_make(
+    "tenslora",
+    "TensLoRA authors' init: Tucker core 0 (CP: input factor 0), other factors orthogonal",
+    False,
+    ("tucker", "cp"),
+)
+def tenslora(
+    factorization: str, net: Network, full: None = None, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """The TensLoRA authors' initialisation (``tenslora/tensors_manipulator.py``, ``TuckerLoRA`` and
+    ``CPLoRA`` with ``init="orthogonal"``, the setting of their training scripts).
+
+    Tucker: the core is zero and every factor ``[axis, r_axis]`` is ``orthogonal_``, drawn in axis
+    order. CP: the ``in`` factor is zero and the others are ``orthogonal_``. The authors reseed the
+    RNG before building each tensor, so every tensor starts from the same factors: here each call
+    draws from a fresh generator seeded with ``gen``'s initial seed (0 without one). The update is
+    exactly 0 at step 0 (zero core, resp. zero input factor); the first step moves only the core
+    (resp. the input factor).
+
+    Returns:
+        factor name -> float32 tensor of the factor's shape.
+    """
+    g = torch.Generator().manual_seed(gen.initial_seed() if gen is not None else 0)
+    zero = "core" if factorization == "tucker" else "U_in"
+    out: dict[str, torch.Tensor] = {}
+    for f in net.factors:
+        if f.name == zero:
+            out[f.name] = torch.zeros(f.shape)
+        else:
+            out[f.name] = torch.nn.init.orthogonal_(torch.empty(f.shape), generator=g)
+    return out
 
 
 @hookimpl
 def tensadapt_register_initializers() -> list[Callable[..., Any]]:
-    """The built-in pretrained initialisers (``zeros`` is the factors' default init)."""
-    return [svd, mpo]
+    """The built-in initialisers: pretrained ``svd`` and ``mpo``, and the papers' zero-update
+    ``lorta`` and ``tenslora`` (``zeros`` is the factors' default init)."""
+    return [svd, mpo, lorta, tenslora]
+
+
+def is_pretrained(initializer: Any) -> bool:
+    """Whether an initialiser starts from the pretrained weights (its ``pretrained`` attribute;
+    a plugin's plain function without one is taken as pretrained, the hook's original contract)."""
+    return bool(getattr(initializer, "pretrained", True))
 
 
 # -- applying it to a model ---------------------------------------------------------------------
@@ -377,9 +509,10 @@ def initialize(
 
     Args:
         modules: ``(path, AdaptedLinear)`` of every wrapper (unmerged, base weights = ``W0``).
-        adapter: their shared adapter (factors hold the default init; overwritten when pretrained).
-        seed: seed for padding noise (default :data:`INIT_SEED`); the decompositions and therefore
-            the residual do not depend on it.
+        adapter: their shared adapter (factors hold the default init; overwritten by any other
+            init: a pretrained one, or a zero-update one such as ``lorta`` / ``tenslora``).
+        seed: seed for padding noise and for the zero-update inits' draws (default
+            :data:`INIT_SEED`); the decompositions and therefore the residual do not depend on it.
     Returns:
         the :class:`InitReport`, also stored as ``adapter.init_report``.
     """
@@ -389,22 +522,22 @@ def initialize(
     plan = adapter.plan
     spec = plan.spec
     report = InitReport(spec.init, spec.residual, spec.base)
-    pretrained = spec.init != "zeros"
-    if pretrained:
+    initializer = None
+    if spec.init != "zeros":
         from .plugins import initializer_registry
 
         initializer = initializer_registry().get(spec.init)
+    # a zero-update initialiser (lorta, tenslora, a plugin's) already set the factors when the
+    # adapter was built (tensadapt.nn.initial_factors); only pretrained ones run here
+    pretrained = initializer is not None and is_pretrained(initializer)
+    if initializer is not None and pretrained:
         mats = {t.key: target_matrix(t, m.weight) for _, m in modules for t in _own(m, plan)}
         gen = torch.Generator().manual_seed(INIT_SEED if seed is None else seed)
         for tp in plan.tensors:
             ts = [t for t in plan.targets if t.tensor == tp.name]
             full = pretrained_tensor(tp, ts, mats) / adapter.scaling
-            net = tp.network
-            factors = initializer(spec.factorization, net, full, gen)
-            params: torch.nn.ParameterDict = adapter.factors[tp.name]  # type: ignore[assignment]
-            for name, value in factors.items():
-                p = params[name]
-                p.copy_(value.to(device=p.device, dtype=p.dtype))
+            factors = initializer(spec.factorization, tp.network, full, gen)
+            _copy_factors(adapter, tp.name, tp.network, factors, spec.init)
     for name, m in modules:
         rep = ModuleReport()
         report.modules[name] = rep
@@ -441,6 +574,31 @@ def _own(m: AdaptedLinear, plan: Plan) -> tuple[TargetPlan, ...]:
     return tuple(t for ts in m.adapter_targets.values() for t in ts if t.key in mine)
 
 
+def _copy_factors(
+    adapter: TensorAdapter,
+    tensor: str,
+    net: Network,
+    factors: Mapping[str, torch.Tensor],
+    init: str,
+) -> None:
+    """Copy an initialiser's factors into the adapter, after checking names and shapes (an
+    initialiser may come from a plugin)."""
+    problems = [
+        f"{f.name}: {tuple(factors[f.name].shape) if f.name in factors else 'missing'}, "
+        f"expected {f.shape}"
+        for f in net.factors
+        if f.name not in factors or tuple(factors[f.name].shape) != f.shape
+    ]
+    if problems:
+        raise PlanError(
+            f"init {init!r} gave wrong factors for tensor {tensor}: {'; '.join(problems)}"
+        )
+    params: torch.nn.ParameterDict = adapter.factors[tensor]  # type: ignore[assignment]
+    for f in net.factors:
+        p = params[f.name]
+        p.copy_(factors[f.name].to(device=p.device, dtype=p.dtype))
+
+
 def check_checksums(
     report: InitReport, saved: Mapping[str, Any], source: str, rtol: float = 1e-3
 ) -> list[str]:
@@ -465,11 +623,17 @@ __all__ = [
     "DECOMPOSERS",
     "INIT_SEED",
     "InitReport",
+    "Initializer",
     "ModuleReport",
     "check_checksums",
     "decompose",
     "initialize",
+    "is_pretrained",
+    "lorta",
+    "mpo",
     "pad_to",
     "pretrained_tensor",
+    "svd",
     "target_matrix",
+    "tenslora",
 ]

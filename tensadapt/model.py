@@ -233,10 +233,11 @@ def attach(
 def _is_pretrained_init(init: str) -> bool:
     if init == "zeros":
         return False
+    from .init import is_pretrained
     from .plugins import initializer_registry
 
     reg = initializer_registry()
-    return bool(getattr(reg.get(init), "pretrained", True)) if init in reg else True
+    return is_pretrained(reg.get(init)) if init in reg else True
 
 
 def _spec(spec: SpecLike) -> AdapterSpec:

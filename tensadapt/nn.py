@@ -37,11 +37,11 @@ def initial_factors(
     if init != "zeros":
         from .plugins import initializer_registry
 
+        from .init import is_pretrained
+
         reg = initializer_registry()
-        if init in reg:
-            cand = reg.get(init)
-            if not getattr(cand, "pretrained", True):
-                fn = cand
+        if init in reg and not is_pretrained(reg.get(init)):
+            fn = reg.get(init)
     out = {}
     for tp in plan.tensors:
         if fn is None:

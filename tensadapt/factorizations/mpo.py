@@ -1,11 +1,20 @@
-"""``mpo``: matrix product operator (tensor-train matrix) as in DoTA.
+"""``mpo``: matrix product operator (tensor-train matrix) as in DoTA (arXiv 2412.20891).
 
 ``in`` and the output side (``out``, or ``head_dim`` with the heads mode) are reshaped into N
-sub-dimensions ``I_1..I_N`` and ``J_1..J_N``; core k has legs ``[R, I_k, J_k, R]`` (boundary bonds
-dropped). Any further axes (heads, qkv, depth) get one tensor-train core ``[R, axis, R]`` each,
-appended to the chain. For a 1024 x 1024 matrix, N = 5, R = 8, I_k = J_k = 4: 3,328 parameters.
+sub-dimensions ``I_1..I_N`` and ``J_1..J_N``; core k has legs ``[R̄_{k-1}, I_k, J_k, R̄_k]``
+(boundary bonds dropped). Any further axes (heads, qkv, depth) get one tensor-train core
+``[R̄, axis, R̄]`` each, appended to the chain.
 
-Shapes are chosen by :func:`balanced_factors` unless given in ``options``.
+Bond ranks are DoTA's (Sec. 3.1): the rank threshold ``R`` is capped by the exact MPO rank of Eq. (1),
+``R̄_k = min(R, R_k)`` with ``R_k = min(∏_{n≤k} I_n·J_n, ∏_{n>k} I_n·J_n)``: a bond never exceeds the
+rank an exact decomposition needs (for the extra stacked cores the same bound runs over the whole
+chain). So the parameter count is the paper's ``ρ = Σ_k R̄_{k-1}·I_k·J_k·R̄_k``: a 768 x 768 matrix
+at R = 16 has 10,833 parameters (R = 16 on every bond would give 12,688, of which the last bond's
+16 - 9 columns can never be reached by any MPO of W0); 1024 x 1024, N = 5, R = 8, I_k = J_k = 4
+has 3,328, as in the paper.
+
+Shapes are DoTA's Table 2 for the widths it lists (N = 5), else :func:`balanced_factors`, unless
+given in ``options``.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import math
 from collections.abc import Sequence
 from functools import cache
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from .base import Axis, Factorization, Network, Rank
 from .tt import train_network
@@ -24,13 +33,14 @@ class MPOOptions(BaseModel):
     """Options of ``mpo``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    n_cores: int = Field(
+    # strict ints: YAML's `true` or `5.0` is a mistake, not 1 or 5 cores
+    n_cores: StrictInt = Field(
         5, ge=1, le=12, description="N: number of cores the matrix is split into (DoTA: 5)"
     )
-    in_shape: tuple[int, ...] | None = Field(
+    in_shape: tuple[StrictInt, ...] | None = Field(
         None, description="I_1..I_N, product = input width; chosen automatically when omitted"
     )
-    out_shape: tuple[int, ...] | None = Field(
+    out_shape: tuple[StrictInt, ...] | None = Field(
         None,
         description="J_1..J_N, product = output width (head_dim with heads); automatic when omitted",
     )
@@ -41,6 +51,45 @@ class MPOOptions(BaseModel):
         if v is not None and any(x < 1 for x in v):
             raise ValueError("every sub-dimension must be >= 1")
         return v
+
+
+#: DoTA's Table 2: the N = 5 sub-dimensions the paper uses for each width it lists. Taken as data:
+#: no single rule produces all of them (11008 keeps its prime factor 43 whole; 14336 and 50400 are
+#: not the most balanced splits).
+TABLE2: dict[int, tuple[int, ...]] = {
+    50400: (5, 10, 14, 12, 6),
+    14336: (4, 8, 8, 8, 7),
+    11008: (4, 4, 43, 4, 4),
+    768: (4, 4, 4, 4, 3),
+    3072: (4, 4, 8, 6, 4),
+    1024: (4, 4, 4, 4, 4),
+    4096: (4, 4, 8, 8, 4),
+    2304: (4, 4, 8, 6, 3),
+}
+
+
+def dota_shape(n: int, k: int) -> tuple[int, ...]:
+    """Sub-dimensions of a width ``n`` split into ``k`` cores: DoTA's Table 2 when it lists ``n``
+    (and ``k = 5``, the paper's N), else :func:`balanced_factors`."""
+    if k == 5 and n in TABLE2:
+        return TABLE2[n]
+    return balanced_factors(n, k)
+
+
+def capped_bonds(site_sizes: Sequence[int], rank: int) -> tuple[int, ...]:
+    """DoTA's bond ranks ``R̄_k = min(R, R_k)`` for a chain of sites (Eq. (1) of the paper).
+
+    Args:
+        site_sizes: the size of each core's open legs, in chain order (``I_k·J_k`` for the matrix
+            cores, then the size of each stacked axis).
+        rank: the threshold ``R``.
+    Returns:
+        the ``len(site_sizes) - 1`` inner bond ranks.
+    """
+    return tuple(
+        min(rank, math.prod(site_sizes[: k + 1]), math.prod(site_sizes[k + 1 :]))
+        for k in range(len(site_sizes) - 1)
+    )
 
 
 @cache
@@ -103,8 +152,8 @@ class MPO(Factorization):
         assert isinstance(options, MPOOptions)
         d_in = axes[0].size
         d_out = axes[1].size
-        i_shape = options.in_shape or balanced_factors(d_in, options.n_cores)
-        j_shape = options.out_shape or balanced_factors(d_out, options.n_cores)
+        i_shape = options.in_shape or dota_shape(d_in, options.n_cores)
+        j_shape = options.out_shape or dota_shape(d_out, options.n_cores)
         return tuple(i_shape), tuple(j_shape)
 
     def check(self, axes: Sequence[Axis], rank: Rank, options: BaseModel) -> list[str]:
@@ -134,13 +183,15 @@ class MPO(Factorization):
         ]
         names = [f"C{k}" for k in range(n)] + [f"G_{a.name}" for a in axes[2:]]
         r = rank if isinstance(rank, int) else max(rank.values())
+        sites = [i * j for i, j in zip(i_shape, j_shape, strict=True)] + [a.size for a in axes[2:]]
+        bonds = {f"b{k}": b for k, b in enumerate(capped_bonds(sites, r))}
         return train_network(
             axes,
-            r,
+            bonds,
             site_legs,
             names,
             zero=f"C{n - 1}",
-            bond_keys=["r"] * (len(site_legs)),
+            bond_keys=[f"b{k}" for k in range(len(site_legs))],
             axis_legs={
                 a_in: tuple(f"{a_in}.{k}" for k in range(n)),
                 a_out: tuple(f"{a_out}.{k}" for k in range(n)),
@@ -149,4 +200,4 @@ class MPO(Factorization):
         )
 
 
-__all__ = ["MPO", "MPOOptions", "balanced_factors"]
+__all__ = ["MPO", "TABLE2", "MPOOptions", "balanced_factors", "capped_bonds", "dota_shape"]
