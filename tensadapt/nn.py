@@ -35,9 +35,8 @@ def initial_factors(
     init = plan.spec.init
     fn: Any = None
     if init != "zeros":
-        from .plugins import initializer_registry
-
         from .init import is_pretrained
+        from .plugins import initializer_registry
 
         reg = initializer_registry()
         if init in reg and not is_pretrained(reg.get(init)):
