@@ -141,8 +141,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as exc:
-        what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+    except (OSError, SafetensorError) as exc:
+        # safetensors reports a full disk as its own error ("... os error 28")
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in str(exc)
+        what = "disk full" if full else getattr(exc, "strerror", None) or str(exc)
         raise AdapterSaveError(
             f"{path}: could not be written ({what}); the previous file is intact"
         ) from exc

@@ -340,14 +340,41 @@ def inject(model: nn.Module, spec: SpecLike, *, seed: int | None = None) -> nn.M
     return model
 
 
+class MergePrecisionWarning(UserWarning):
+    """Merging into low-precision weights lost a measurable part of the update."""
+
+
+#: the fraction of ``ΔW`` a merge may lose to rounding before it warns
+MERGE_LOSS_WARN = 0.01
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Add the active adapter's updates into the base weights (inference then costs exactly the
-    base model)."""
+    base model). Into 16-bit weights the sum is formed in float32 and rounded once; when the
+    rounding loses more than :data:`MERGE_LOSS_WARN` of an update (bfloat16 keeps ~3 significant
+    digits of ``W``, so an update 1000 times smaller than ``W`` is mostly rounded away), a
+    :class:`MergePrecisionWarning` says how much and where."""
     base = model.base_model if isinstance(model, TensadaptModel) else model
     hub = hub_of(base)
-    for _, m in adapted_modules(base):
+    worst: tuple[float, str, str] = (0.0, "", "")
+    for name, m in adapted_modules(base):
         m.merge(hub.active if hub is not None else None)
+        worst = max(worst, (m.merge_loss, name, str(m.weight.dtype).removeprefix("torch.")))
+    if worst[0] > MERGE_LOSS_WARN:
+        warnings.warn(
+            f"merging into {worst[2]} weights lost up to "
+            f"{100 * worst[0]:.1f}% of the update (module {worst[1]}): the weights' precision "
+            "cannot hold it. Keep the adapter unmerged, or merge into float32 weights",
+            MergePrecisionWarning,
+            stacklevel=2,
+        )
     return model
+
+
+def merge_loss(model: nn.Module) -> float:
+    """The largest fraction of a merged update that rounding lost, over the merged modules."""
+    base = model.base_model if isinstance(model, TensadaptModel) else model
+    return max((m.merge_loss for _, m in adapted_modules(base) if m.merged), default=0.0)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -368,6 +395,8 @@ def merge_and_unload(
     keep = merge_weights if keep_trained_copies is None else keep_trained_copies
     base = model.base_model if isinstance(model, TensadaptModel) else model
     hub = hub_of(base)
+    if merge_weights:
+        merge(base)  # warns when low-precision weights cannot hold the update
     active = hub.active if hub is not None else None
     for name, m in adapted_modules(base):
         if merge_weights:
@@ -608,6 +637,8 @@ class TensadaptModel(nn.Module):
 
 __all__ = [
     "DEFAULT_ADAPTER",
+    "MERGE_LOSS_WARN",
+    "MergePrecisionWarning",
     "HUB_ATTR",
     "NewModulesWarning",
     "TensadaptModel",
@@ -618,6 +649,7 @@ __all__ = [
     "inject",
     "merge",
     "merge_and_unload",
+    "merge_loss",
     "new_modules",
     "saved_modules",
     "trainable_parameters",

@@ -197,6 +197,8 @@ class AdaptedLinear(nn.Module):
         self.adapter_targets: dict[str, tuple[TargetPlan, ...]] = {}
         #: the adapter whose update is merged into the base weight, if any
         self.merged_adapter: str | None = None
+        #: fraction of the merged update lost to the weight's precision (see :meth:`merge`)
+        self.merge_loss = 0.0
         self.inplace = _inplace_safe(base)
 
     @property
@@ -252,27 +254,57 @@ class AdaptedLinear(nn.Module):
         for t in self.adapter_targets[name]:
             fused.add_into(w, t.fused, dim, ad.delta_weight(t).to(w.dtype) * sign)
 
+    @torch.no_grad()
+    def _merge_low_precision(self, name: str) -> None:
+        """Merge into a 16-bit weight: ``W + ΔW`` computed in float32 and rounded once; the
+        weight before the merge is kept so :meth:`unmerge` restores it bit for bit, and the
+        part of ``ΔW`` the rounding loses is measured (:attr:`merge_loss`)."""
+        w = self.weight
+        ad = self.hub.adapter(name)
+        dim = 1 if self.layout == "conv1d" else 0
+        self._premerge = w.detach().clone()
+        exact = w.detach().to(torch.float32)
+        delta = torch.zeros_like(exact)
+        for t in self.adapter_targets[name]:
+            fused.add_into(delta, t.fused, dim, ad.delta_weight(t).to(torch.float32))
+        exact += delta
+        w.copy_(exact.to(w.dtype))
+        lost = (w.to(torch.float32) - exact).norm()
+        self.merge_loss = float(lost / delta.norm().clamp_min(1e-30))
+
     def merge(self, name: str | None = None) -> None:
         """Add an adapter's updates (default: the active one) into the base weight; the forward
-        then costs exactly the base's. An NF4 base first materialises a dense weight."""
+        then costs exactly the base's. An NF4 base first materialises a dense weight; a 16-bit
+        weight is merged in float32 and rounded once, the loss measured in :attr:`merge_loss`
+        (``‖round(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖``: what fraction of the update the weight's precision
+        cannot hold)."""
         name = name or self.hub.active
         if self.merged_adapter is not None or name is None or name not in self.adapter_targets:
             return
         materialize = getattr(self.base, "materialize", None)
         if materialize is not None:
             materialize()
-        self._apply_delta(name, 1.0)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            self._merge_low_precision(name)
+        else:
+            self._apply_delta(name, 1.0)
+            self.merge_loss = 0.0
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Subtract the merged updates again, restoring the base weight (up to float rounding; an
-        NF4 base drops its dense weight and is back to its exact codes)."""
+        """Subtract the merged updates again, restoring the base weight (a 16-bit weight exactly,
+        from its copy; a float32 one up to float rounding; an NF4 base drops its dense weight and
+        is back to its exact codes)."""
         name = self.merged_adapter
         if name is None:
             return
         release = getattr(self.base, "release", None)
+        premerge = self.__dict__.pop("_premerge", None)
         if release is not None:
             release()
+        elif premerge is not None:
+            with torch.no_grad():
+                self.weight.copy_(premerge)
         else:
             self._apply_delta(name, -1.0)
         self.merged_adapter = None
