@@ -258,7 +258,12 @@ def save_adapter(
         },
     )
     text = config.model_dump_json(indent=2)
-    meta = {"tensadapt": "adapter", "format_version": str(FORMAT_VERSION), "config": text}
+    meta = {
+        "tensadapt": "adapter",
+        "format_version": str(FORMAT_VERSION),
+        "config": text,
+        "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
     with _locked(out):
         _clean_temp_files(out)
         atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
@@ -368,6 +373,12 @@ def _committed(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]
         state, meta = _read_tensors(d / ADAPTER_FILE)
         text = meta.get("config")
         if text is not None:
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            if meta.get("config_sha256") != digest:
+                raise AdapterMismatchError(
+                    f"{d / ADAPTER_FILE}: the committed config fails its checksum (the file was "
+                    "corrupted or edited after saving)"
+                )
             try:
                 config = json.loads(text)
             except json.JSONDecodeError as e:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -148,6 +149,7 @@ def recommit(d: Path, edit: Callable[[dict[str, Any], dict[str, torch.Tensor]], 
     config = json.loads(meta["config"])
     edit(config, state)
     meta["config"] = json.dumps(config)
+    meta["config_sha256"] = hashlib.sha256(meta["config"].encode()).hexdigest()
     save_file(state, str(d / ADAPTER_FILE), metadata=meta)
     (d / CONFIG_FILE).write_text(meta["config"])
 
@@ -163,6 +165,18 @@ def corrupted_config(d: Path) -> None:
     with safe_open(str(d / ADAPTER_FILE), framework="pt") as fh:
         meta = dict(fh.metadata())
     meta["config"] = '{"format_version": 2, "architec'
+    meta["config_sha256"] = hashlib.sha256(meta["config"].encode()).hexdigest()
+    save_file(load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE), metadata=meta)
+    _load(d)
+
+
+def config_edited_unsigned(d: Path) -> None:
+    """The committed config edited (alpha 1 -> 9) without its checksum: refused."""
+    from safetensors import safe_open
+
+    with safe_open(str(d / ADAPTER_FILE), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta["config"] = meta["config"].replace('"alpha": null', '"alpha": 9.0')
     save_file(load_file(str(d / ADAPTER_FILE)), str(d / ADAPTER_FILE), metadata=meta)
     _load(d)
 
@@ -381,6 +395,12 @@ CASES = [
         r"tensor '.*' is float32\[.*\], its record says float32\[",
     ),
     Case("corrupted-config", corrupted_config, AdapterMismatchError, r"corrupted config"),
+    Case(
+        "config-edited-unsigned",
+        config_edited_unsigned,
+        AdapterMismatchError,
+        r"committed config fails its checksum",
+    ),
     Case(
         "config-wrong-type",
         config_wrong_type,

@@ -237,6 +237,7 @@ def test_load_adapter_refuses_other_model(tmp_path) -> None:
 def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
     """A load that fails after the adapter was put on the model (a NaN saved with a valid
     checksum, as a diverged run would save it) rolls the model back exactly."""
+    import hashlib
     import json
 
     from safetensors import safe_open
@@ -259,6 +260,7 @@ def test_failed_load_leaves_model_as_it_was(tmp_path) -> None:
     config = json.loads(meta["config"])
     config["tensors"][key]["sha256"] = sha256(state[key])
     meta["config"] = json.dumps(config)
+    meta["config_sha256"] = hashlib.sha256(meta["config"].encode()).hexdigest()
     save_file(state, str(path), metadata=meta)
     (tmp_path / "ad" / "adapter_config.json").write_text(meta["config"])
 
