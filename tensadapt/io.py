@@ -348,10 +348,10 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The committed config of an adapter directory (the copy inside ``adapter.safetensors``;
     a 0.1 directory's ``plan.json``), as a dict. Used by ``tensadapt export`` to rebuild the
     base model with the head the adapter was trained with."""
-    return _committed(_check_dir(Path(directory)))[0]
+    return read_committed(check_dir(Path(directory)))[0]
 
 
-def _check_dir(d: Path) -> Path:
+def check_dir(d: Path) -> Path:
     if d.is_file():
         raise AdapterMismatchError(f"{d}: is a file, not an adapter directory")
     if not d.is_dir():
@@ -366,7 +366,7 @@ def _check_dir(d: Path) -> Path:
     return d
 
 
-def _committed(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+def read_committed(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """``(config, tensors)`` of a directory: v2 from the tensors file's metadata; v1 from
     ``plan.json`` + ``spec.yaml`` (tensors ``None``: read later)."""
     if os.path.lexists(d / ADAPTER_FILE):
@@ -462,8 +462,8 @@ def load_adapter(
     from .planner import plan as make_plan
 
     base = _base(model)
-    d = _check_dir(Path(directory))
-    raw, state = _committed(d)
+    d = check_dir(Path(directory))
+    raw, state = read_committed(d)
     source = str(d / ADAPTER_FILE)
     try:
         config = AdapterConfig.model_validate(raw)
@@ -494,7 +494,7 @@ def load_adapter(
         {t.key: [t.in_features, t.out_features, t.tensor] for t in new_plan.targets},
         source,
     )
-    _check_records(state, config.tensors, source)
+    check_records(state, config.tensors, source)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
     hub_before = hub_of(base)
     had_hub = hub_before is not None
@@ -554,7 +554,7 @@ def _check_targets(old: Mapping[str, list[Any]], cur: Mapping[str, list[Any]], s
         raise AdapterMismatchError(f"{source}: adapter targets differ from this model's: {shown}")
 
 
-def _check_records(
+def check_records(
     state: Mapping[str, torch.Tensor], records: Mapping[str, TensorRecord], source: str
 ) -> None:
     """Every tensor matches its record (a v2 adapter): same set, shape, dtype and checksum."""
@@ -712,9 +712,12 @@ __all__ = [
     "AdapterSaveError",
     "adapter_state",
     "atomic_write",
+    "check_dir",
+    "check_records",
     "load_adapter",
     "load_adapter_state",
     "load_base_model",
+    "read_committed",
     "read_config",
     "save_adapter",
     "sha256",

@@ -462,6 +462,10 @@ class TensadaptModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def get_base_model(self) -> nn.Module:
+        """The base model (adapted in place), as ``PeftModel.get_base_model`` returns it."""
+        return self.base_model
+
     @property
     def hub(self) -> AdapterHub:
         hub = hub_of(self.base_model)
