@@ -37,7 +37,7 @@ from .io import (
 from .model import TensadaptModel, hub_of
 
 
-def _adapted(model: nn.Module) -> nn.Module:
+def _adapted(model: nn.Module | None) -> nn.Module:
     """The module holding the adapter hub, through DDP/accelerate wrappers."""
     inner: Any = model
     for _ in range(4):
@@ -53,7 +53,7 @@ def _adapted(model: nn.Module) -> nn.Module:
     )
 
 
-def load_checkpoint_into(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+def load_checkpoint_into(model: nn.Module | None, directory: str | os.PathLike[str]) -> None:
     """Copy the adapter saved in ``directory`` into ``model``'s active adapter, in place (the
     adapter must have the same plan: resuming the same run). Every tensor is checked first."""
     base = _adapted(model)
@@ -93,14 +93,14 @@ class AdapterTrainer(Trainer):
             import inspect
 
             forward = _adapted(self.model).forward
-            self._signature_columns = list(inspect.signature(forward).parameters)
-            self._signature_columns += list({"label", "label_ids", *self.label_names})
+            columns = list(inspect.signature(forward).parameters)
+            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})  # type: ignore[assignment]
 
     def _save(
         self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
     ) -> None:
         out = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        if not self.args.should_save or out is None:
             return
         base = _adapted(self.model)
         hub = hub_of(base)
