@@ -320,3 +320,45 @@ __all__ = [
     "read_checkpoint",
     "spec_for",
 ]
+
+
+def import_checkpoint(
+    adapter_dir: str | os.PathLike[str],
+    model: Any,
+    out: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+) -> Path:
+    """Convert an adapter of the authors' tuner into a tensadapt adapter directory.
+
+    Args:
+        adapter_dir: the authors' ``save_pretrained`` directory.
+        model: the base model the adapter was trained on: a model object, or a local model
+            directory / preset (a sequence-classification adapter loads it with a head of the
+            checkpoint's label count).
+        out: the tensadapt adapter directory to write.
+        seed: only for the unused initialisation of the factors before the copy.
+    Returns:
+        ``out``, loadable by :meth:`tensadapt.TensadaptModel.from_pretrained`.
+    Raises:
+        AdapterMismatchError: a foreign or malformed checkpoint, or one made for another model.
+    """
+    from ..io import load_adapter_state, load_base_model
+    from ..model import TensadaptModel
+
+    ckpt = read_checkpoint(adapter_dir)
+    if isinstance(model, str | os.PathLike):
+        model_class = None
+        num_labels = None
+        if ckpt.config.get("task_type") == "SEQ_CLS":
+            model_class = "AutoModelForSequenceClassification"
+            heads = [t for k, t in ckpt.saved.items() if k.endswith("weight") and t.dim() == 2]
+            num_labels = int(heads[-1].shape[0]) if heads else None
+        model = load_base_model(model, model_class=model_class, num_labels=num_labels)
+    adapted = TensadaptModel(model, spec_for(ckpt), seed=seed)
+    state = convert_state(ckpt, adapted.plan())
+    load_adapter_state(adapted.base_model, state, source=ckpt.source)
+    return adapted.save_pretrained(out)
+
+
+__all__ += ["import_checkpoint"]
