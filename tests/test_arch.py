@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from tensadapt.arch import (
     load_config,
     preset_config,
     resolve_modules,
+    scan_model,
 )
 from tensadapt.arch.scan import classify
 from tensadapt.errors import ArchitectureError
@@ -249,13 +249,20 @@ def test_phi3_fused_qkv_and_gate_up_with_gqa() -> None:
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_are_fast_and_weightless(name: str) -> None:
-    from_config(preset_config(name))  # warm lazy imports
-    start = time.perf_counter()
+def test_presets_are_weightless(name: str) -> None:
+    """A preset plans from its config alone: no module is built (time: benchmarks/bench_arch.py)."""
+    built: list[str] = []
+    original = nn.Module.__init__
+
+    def spy(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
     config = preset_config(name)
-    arch = from_config(config)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.05, f"{name}: {elapsed * 1e3:.1f} ms"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nn.Module, "__init__", spy)
+        arch = from_config(config)
+    assert built == []
     assert len(arch.sites) == arch.n_layers * len(arch.projections)
     assert arch.model_type == PRESETS[name]["model_type"]
 
@@ -274,11 +281,8 @@ def test_llama3_8b_facts() -> None:
     )
 
 
-def test_large_presets_in_milliseconds() -> None:
-    from_config(preset_config("llama3-70b"))
-    start = time.perf_counter()
+def test_large_preset_facts() -> None:
     arch = from_config(preset_config("llama3-70b"))
-    assert time.perf_counter() - start < 0.02
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads, len(arch.sites)) == (80, 64, 8, 560)
 
 
@@ -357,10 +361,15 @@ def test_fallback_scan_on_unknown_family(
 
 
 def test_fallback_prefers_first_stack_and_self_attention() -> None:
+    """The scan (a T5 model with the family table bypassed) keeps one layer list, the first of
+    equal size, and self- before cross-attention."""
     config = _config(
         "t5", dict(num_layers=2, d_model=32, num_heads=4, d_ff=64, d_kv=8, vocab_size=100)
     )
-    arch = from_config(config)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    arch = scan_model(model)
+    assert arch.n_layers == 2 and arch.projections == QKVO_MLP
     assert arch.site(0, "q").module == "encoder.block.0.layer.0.SelfAttention.q"
     assert arch.site(1, "down").module == "encoder.block.1.layer.1.DenseReluDense.wo"
 
@@ -530,9 +539,12 @@ def test_family_table_is_consistent() -> None:
             assert mt not in seen, f"{mt} in {seen.get(mt)} and {family.name}"
             seen[mt] = family.name
         for layout in family.layouts:
-            assert set(layout.paths) <= set(PROJECTIONS)
-            assert {"q", "k", "v", "o"} <= set(layout.paths)
-            assert all("{l}" in t for t in layout.paths.values())
+            assert bool(layout.paths) != bool(layout.stacks)  # the shorthand, or stacks
+            for stack in layout.all_stacks():
+                assert set(stack.paths) <= set(PROJECTIONS)
+                assert {"q", "k", "v", "o"} <= set(stack.paths)
+                assert all("{l}" in t for t in stack.paths.values())
+                assert set(stack.interleave) <= set(stack.paths.values())
     assert len({f.name for f in BUILTIN_FAMILIES}) == len(BUILTIN_FAMILIES)
 
 
