@@ -63,9 +63,9 @@ def _fused_qkv(module: str) -> dict[str, str]:
     return {"q": module, "k": module, "v": module}
 
 
-def _clip_layer(prefix: str) -> dict[str, str]:
-    """CLIP / SigLIP encoder layer ``{prefix}.encoder.layers.{l}``."""
-    layer = f"{prefix}.encoder.layers.{{l}}"
+def _clip_layer(prefix: str | None) -> dict[str, str]:
+    """CLIP / SigLIP encoder layer ``{prefix}.encoder.layers.{l}`` (no prefix: one tower)."""
+    layer = f"{prefix}.encoder.layers.{{l}}" if prefix else "encoder.layers.{l}"
     return _qkvo(f"{layer}.self_attn", "q_proj", "k_proj", "v_proj", "out_proj") | {
         "up": f"{layer}.mlp.fc1",
         "down": f"{layer}.mlp.fc2",
@@ -300,6 +300,29 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             "query_key_value: new_decoder_architecture [KV, (H/KV q, k, v), hd]; "
             "multi_query q | k | v (one kv-head); else per head [H, (q, k, v), hd]"
         ),
+    ),
+    Family(
+        "codegen",
+        ("codegen",),
+        (
+            Layout(
+                # slot order q, v, k in each of the 4 model-parallel shards CodeGen was trained in
+                {
+                    "q": "h.{l}.attn.qkv_proj",
+                    "v": "h.{l}.attn.qkv_proj",
+                    "k": "h.{l}.attn.qkv_proj",
+                    "o": "h.{l}.attn.out_proj",
+                    "up": "h.{l}.mlp.fc_in",
+                    "down": "h.{l}.mlp.fc_out",
+                },
+                interleave={"h.{l}.attn.qkv_proj": 4},
+            ),
+        ),
+        n_kv_heads=(),
+        head_dim=(),
+        intermediate_size=("n_inner",),
+        intermediate_multiple=4,
+        notes="qkv_proj in 4 shards [4, (q, v, k), d/4]",
     ),
     # --- decoders with separate projections ----------------------------------------------------
     Family(
@@ -551,13 +574,15 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
     Family(
         "clip_text",
         ("clip_text_model", "siglip_text_model", "siglip2_text_model"),
-        (Layout(_clip_layer("text_model")),),
+        # transformers 5 flattens the tower (``encoder.layers``); 4.x nests it under
+        # ``text_model.``, which the suffix lookup resolves as well.
+        (Layout(_clip_layer(None)),),
         n_kv_heads=(),
     ),
     Family(
         "clip_vision",
         ("clip_vision_model", "siglip_vision_model", "siglip2_vision_model"),
-        (Layout(_clip_layer("vision_model")),),
+        (Layout(_clip_layer(None)),),
         n_kv_heads=(),
     ),
     # --- vision-language models: the language model -----------------------------------------------

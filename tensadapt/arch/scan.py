@@ -263,7 +263,7 @@ def scan_model(model: nn.Module, config: Any = None, family: str = "generic") ->
     layers_with_qkv = {layer for (layer, p) in chosen if p in ("q", "k", "v")}
     for f in unmatched:  # a fused q/k/v under a name that says nothing about its layout
         if f.stack == stack and f.layer not in layers_with_qkv and heads.fits_qkv(f):
-            chosen.setdefault((f.layer, _QKV), f)
+            chosen.setdefault((f.layer, _QKV), replace(f, proj=_QKV))
     sites: list[TargetSite] = []
     for f in sorted(chosen.values(), key=lambda f: (f.layer, f.name)):
         if f.proj == _QKV:
