@@ -573,3 +573,37 @@ def test_custom_family_is_one_entry() -> None:
         model = AutoModel.from_config(config)
     _assert_fits(model, arch)
     assert from_model(model, families=(neo,)) == arch
+
+
+# --- the README's coverage table ----------------------------------------------------------------
+
+
+def test_readme_coverage_table_is_generated_from_the_family_table() -> None:
+    """The README's table is exactly what the family table generates (it cannot drift)."""
+    from pathlib import Path
+
+    from tensadapt.arch import coverage
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    assert coverage.replace_section(text, coverage.table()) == text, (
+        "README's coverage table is stale: run python -m tensadapt.arch.coverage --write"
+    )
+    assert coverage.main(["--check", "--readme", str(readme)]) == 0
+    rows = coverage.rows()
+    assert [r[0] for r in rows[1:]] == [f"`{f.name}`" for f in BUILTIN_FAMILIES]
+    # the checker catches a stale table
+    stale = text.replace("| `bert` |", "| `bert2` |", 1)
+    assert coverage.replace_section(stale, coverage.table()) != stale
+
+
+def test_coverage_rows_follow_the_data() -> None:
+    from tensadapt.arch import coverage
+
+    by_name = {r[0].strip("`"): r for r in coverage.rows()[1:]}
+    assert "experts" in by_name["mixtral"][4] and "experts" not in by_name["llama"][4]
+    assert "cross_q" in by_name["t5"][3] and "gate" in by_name["t5"][3]  # the gated variant's
+    assert by_name["bart"][2] == "encoder + decoder" and by_name["llama"][2] == "one"
+    assert "per head" in by_name["gpt_neox"][5] and "alternating" in by_name["gpt_oss"][5]
+    with pytest.raises(ValueError, match="no coverage markers"):
+        coverage.replace_section("# README without markers\n", coverage.table())

@@ -158,7 +158,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             ),
         ),
         n_kv_heads=(),
-        notes="in_proj per head [H, (q, k, v), hd]",
     ),
     Family(
         "distilbert",
@@ -188,7 +187,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             ),
         ),
         n_kv_heads=(),
-        notes="Wqkv column blocks [3, H, hd]; Wi = [gate | up]",
+        notes="Wi's activated half is the gate",
     ),
     # --- decoders with fused attention ---------------------------------------------------------
     Family(
@@ -203,7 +202,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         weight_layout="conv1d",
         intermediate_size=("n_inner",),
         intermediate_multiple=4,
-        notes="Conv1D c_attn column blocks q | k | v",
+        notes="Conv1D weights [in, out]",
     ),
     Family(
         "gpt_bigcode",
@@ -219,7 +218,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         intermediate_size=("n_inner",),
         intermediate_multiple=4,
         variants=(Variant({"multi_query": True}, {"kv_heads": 1}),),
-        notes="c_attn per head [H, (q, k, v), hd]; multi_query: q | k | v with one kv-head",
+        notes="multi_query: one kv-head",
     ),
     Family(
         "gpt_neox",
@@ -236,7 +235,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             ),
         ),
         n_kv_heads=(),
-        notes="query_key_value per head [H, (q, k, v), hd]",
     ),
     Family(
         "persimmon",
@@ -253,7 +251,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             ),
         ),
         n_kv_heads=(),
-        notes="query_key_value per head [H, (q, k, v), hd]",
     ),
     Family(
         "bloom",
@@ -272,7 +269,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         n_kv_heads=(),
         intermediate_size=(),
         intermediate_multiple=4,
-        notes="query_key_value per head [H, (q, k, v), hd]",
     ),
     Family(
         "falcon",
@@ -296,10 +292,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             Variant({"new_decoder_architecture": True}, {"n_kv_heads": ("num_kv_heads",)}),
             Variant({"multi_query": True}, {"kv_heads": 1}),
         ),
-        notes=(
-            "query_key_value: new_decoder_architecture [KV, (H/KV q, k, v), hd]; "
-            "multi_query q | k | v (one kv-head); else per head [H, (q, k, v), hd]"
-        ),
+        notes="kv-heads: num_kv_heads (new_decoder_architecture), 1 (multi_query), else all",
     ),
     Family(
         "codegen",
@@ -322,7 +315,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         head_dim=(),
         intermediate_size=("n_inner",),
         intermediate_multiple=4,
-        notes="qkv_proj in 4 shards [4, (q, v, k), d/4]",
+        notes="the 4 model-parallel shards CodeGen was trained in",
     ),
     # --- decoders with separate projections ----------------------------------------------------
     Family(
@@ -387,7 +380,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
                 }
             ),
         ),
-        notes="qkv_proj column blocks q | k | v; gate_up_proj = [gate | up]",
     ),
     Family(
         "glm",
@@ -402,7 +394,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
                 }
             ),
         ),
-        notes="gate_up_proj = [gate | up]",
     ),
     Family(
         "phi",
@@ -440,14 +431,13 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         ("mixtral", "olmoe", "flex_olmo"),
         (Layout(_decoder(mlp=False)),),
         experts=Experts("layers.{l}.mlp.experts", "layers.{l}.mlp.gate"),
-        notes="experts gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I]",
     ),
     Family(
         "phimoe",
         ("phimoe",),
         (Layout(_decoder(mlp=False)),),
         experts=Experts("layers.{l}.mlp.experts", "layers.{l}.mlp.router"),
-        notes="experts as Mixtral; router is an nn.Linear (sparsemixer top-2)",
+        notes="the router (an nn.Linear) is not a target",
     ),
     Family(
         "granitemoe",
@@ -456,7 +446,6 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         experts=Experts(
             "layers.{l}.block_sparse_moe.experts", "layers.{l}.block_sparse_moe.router"
         ),
-        notes="experts as Mixtral under block_sparse_moe",
     ),
     Family(
         "qwen2_moe",
@@ -475,10 +464,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             sparse_step=("decoder_sparse_step",),
             dense_layers=("mlp_only_layers",),
         ),
-        notes=(
-            "experts [E, 2Ie, d]; up/gate/down = the shared expert in sparse layers "
-            "(its sigmoid gate is not a target), the dense MLP in mlp_only_layers"
-        ),
+        notes="up/gate/down: the shared expert in sparse layers, the MLP in mlp_only_layers",
     ),
     Family(
         "qwen3_moe",
@@ -491,7 +477,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             sparse_step=("decoder_sparse_step",),
             dense_layers=("mlp_only_layers",),
         ),
-        notes="experts [E, 2Ie, d]; up/gate/down only in mlp_only_layers (no shared expert)",
+        notes="up/gate/down only in mlp_only_layers",
     ),
     Family(
         "gpt_oss",
@@ -504,10 +490,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
             layout="conv1d",
             bias=True,
         ),
-        notes=(
-            "experts gate_up_proj [E, d, 2I] with gate/up rows alternating, down_proj [E, I, d], "
-            "biases; clamped SwiGLU in experts._apply_gate"
-        ),
+        notes="clamped SwiGLU in experts._apply_gate",
     ),
     # --- encoder-decoder -----------------------------------------------------------------------
     Family(
@@ -534,7 +517,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         hidden_size=("d_model",),
         n_kv_heads=(),
         head_dim=(),
-        notes="encoder then decoder layers; decoder cross-attention encoder_attn = cross_*",
+        notes="cross_*: the decoder's encoder_attn",
     ),
     Family(
         "t5",
@@ -547,7 +530,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         head_dim=("d_kv",),
         intermediate_size=("d_ff",),
         variants=(Variant({"is_gated_act": True}, {"layouts": (_t5_layout(gated=True),)}),),
-        notes="encoder then decoder blocks; EncDecAttention = cross_*; gated: wi_0 gate, wi_1 up",
+        notes="cross_*: EncDecAttention; gated FFN: wi_0 gate, wi_1 up",
     ),
     # --- vision and dual encoders --------------------------------------------------------------
     Family(
@@ -569,7 +552,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
         ("clip", "siglip", "siglip2"),
         (_towers(),),
         n_kv_heads=(),
-        notes="text tower layers, then vision tower layers (pooling heads are not targets)",
+        notes="pooling heads are not targets",
     ),
     Family(
         "clip_text",
@@ -594,7 +577,7 @@ BUILTIN_FAMILIES: tuple[Family, ...] = (
                 stacks=(Stack("language", _decoder("language_model.layers"), config="text_config"),)
             ),
         ),
-        notes="the language model (a LLaMA-layout text_config); the vision tower is not a target",
+        notes="the language model (LLaMA layout); the vision tower is not a target",
     ),
 )
 
