@@ -607,3 +607,58 @@ def test_coverage_rows_follow_the_data() -> None:
     assert "per head" in by_name["gpt_neox"][5] and "alternating" in by_name["gpt_oss"][5]
     with pytest.raises(ValueError, match="no coverage markers"):
         coverage.replace_section("# README without markers\n", coverage.table())
+
+
+# --- stacking modes -------------------------------------------------------------------------------
+
+
+def test_experts_mode_axes() -> None:
+    from tensadapt.modes import ALIASES, MODES, WRITE_PROJECTIONS, canonical, tensor_axes
+
+    assert MODES == ("heads", "qkv", "experts", "depth")
+    assert canonical("moe") == canonical("expert") == "experts" and "moe" in ALIASES
+    axes = tensor_axes(["qkv", "experts", "depth"], 32, 64, 0, 3, 2, n_experts=8)
+    assert [(a.name, a.size) for a in axes] == [
+        ("in", 32),
+        ("out", 64),
+        ("qkv", 3),
+        ("experts", 8),
+        ("depth", 2),
+    ]
+    # targets that are not expert weights have no experts axis, as MLP targets have no heads
+    plain = tensor_axes(["heads", "experts", "depth"], 32, 32, 4, 1, 2)
+    assert [a.name for a in plain] == ["in", "head_dim", "heads", "depth"]
+    assert {"o", "down", "cross_o", "expert_down"} == WRITE_PROJECTIONS
+
+
+def test_projection_names() -> None:
+    from tensadapt.arch import CROSS_PROJECTIONS, EXPERT_PROJECTIONS
+
+    assert PROJECTIONS[:7] == ("q", "k", "v", "o", "up", "gate", "down")  # order kept
+    assert set(CROSS_PROJECTIONS) | set(EXPERT_PROJECTIONS) <= set(PROJECTIONS)
+    assert len(set(PROJECTIONS)) == len(PROJECTIONS) == 14
+
+
+@pytest.mark.parametrize(
+    ("widths", "groups", "want"),
+    [
+        ([32, 32, 32], 1, [(1, 3, 32, 0, 1), (1, 3, 32, 1, 2), (1, 3, 32, 2, 3)]),  # GPT-2
+        ([32, 16, 16], 1, [(1, 4, 16, 0, 2), (1, 4, 16, 2, 3), (1, 4, 16, 3, 4)]),  # Phi-3 GQA
+        ([32, 32, 32], 4, [(4, 3, 8, 0, 1), (4, 3, 8, 1, 2), (4, 3, 8, 2, 3)]),  # per head
+        ([32, 16, 16], 2, [(2, 4, 8, 0, 2), (2, 4, 8, 2, 3), (2, 4, 8, 3, 4)]),  # per kv group
+        ([64, 64], 64, [(64, 2, 1, 0, 1), (64, 2, 1, 1, 2)]),  # GPT-OSS gate/up alternating
+    ],
+)
+def test_pack(widths: list[int], groups: int, want: list[tuple[int, ...]]) -> None:
+    from tensadapt.arch import Fused, pack
+
+    got = pack(widths, groups)
+    assert got == tuple(Fused(*w) for w in want)
+    rows = [r for f in got for r in f.rows()]
+    assert sorted(rows) == list(range(sum(widths)))  # a partition of the fused output
+    assert [f.out_features for f in got] == widths
+    if groups > 1:  # interleaved: the first projection's second row block is one group further
+        first = got[0]
+        assert first.rows()[first.unit * (first.stop - first.start)] == first.slots * first.unit
+    with pytest.raises(ValueError, match="cannot be split into 3 equal groups"):
+        pack([32, 16], 3)

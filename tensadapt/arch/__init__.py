@@ -5,6 +5,13 @@ through the table of :data:`BUILTIN_FAMILIES`; a ``model_type`` not in the table
 ``meta`` device and scanned by module name patterns (:mod:`.scan`). ``from_model`` does the same
 from a live model, choosing the layout whose paths exist in it. ``resolve_modules`` then finds
 each site's module in a concrete model, whatever its task head prefix.
+
+Layer numbering: a model with several layer lists (encoder-decoder, text and vision towers) is
+numbered through, the first list's layers first: BART with 6 encoder and 6 decoder layers has
+layers 0..5 (encoder) and 6..11 (decoder), and :attr:`Architecture.stacks` records the spans. A
+projection has sites only where it exists: ``cross_q``/``cross_k``/``cross_v``/``cross_o`` (the
+decoder's cross-attention) in decoder layers, ``expert_*`` in sparse mixture-of-experts layers.
+A model holding only some of the lists (``T5EncoderModel``) is numbered over those it has.
 """
 
 from __future__ import annotations
