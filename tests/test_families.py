@@ -325,6 +325,10 @@ def test_expert_weights_reproduce_the_experts_forward(case: Case) -> None:
     gate, up, down = sites["expert_gate"], sites["expert_up"], sites["expert_down"]
     assert gate.fused is not None and up.fused is not None and gate.experts is not None
     width = gate.fused.width
+    # what transformers' @use_experts_implementation records about the layout agrees
+    assert experts.is_transposed == (gate.layout == "conv1d")
+    assert experts.is_concatenated == (gate.fused.groups == 1)
+    assert experts.has_bias == (gate.experts.bias is not None)
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.5
 
     def ours(e: int, gate_rows: torch.Tensor, up_rows: torch.Tensor) -> torch.Tensor:
