@@ -52,9 +52,13 @@ from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
 from .spec import MODES, AdapterSpec, _factorizations, get_factorization, load_spec, spec_to_yaml
 
-#: Every subset of the stacking modes, in the order tables list them.
+#: Every subset of the stacking modes that apply to every model (``experts`` only exists in
+#: mixture-of-experts models), in the order tables list them.
+_DENSE_MODES = tuple(m for m in MODES if m != "experts")
 MODE_SUBSETS: tuple[tuple[str, ...], ...] = tuple(
-    combo for k in range(len(MODES) + 1) for combo in itertools.combinations(MODES, k)
+    combo
+    for k in range(len(_DENSE_MODES) + 1)
+    for combo in itertools.combinations(_DENSE_MODES, k)
 )
 
 Rank = int | dict[str, int]

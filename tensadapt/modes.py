@@ -1,15 +1,19 @@
 """The built-in stacking modes and how they shape an update tensor.
 
-Every target matrix is first *oriented*: read-in projections (q, k, v, up, gate) as ``[in, out]``,
-write-out projections (o, down) transposed, so that the model-width side is always the ``in`` axis
-and the head-structured side always the ``out`` axis. Then:
+Every target matrix is first *oriented*: read-in projections (q, k, v, up, gate and their
+cross-attention and expert counterparts) as ``[in, out]``, write-out projections (o, down,
+cross_o, expert_down) transposed, so that the model-width side is always the ``in`` axis and the
+head-structured side always the ``out`` axis. Then:
 
 - ``heads`` splits the head-structured side into ``head_dim × heads`` (attention targets only;
   MLP targets have no heads and keep ``out``);
 - ``qkv`` stacks the targeted projections of the same oriented shape along a ``qkv`` axis;
+- ``experts`` stacks the E experts of a mixture-of-experts projection along an ``experts`` axis
+  (expert targets only; other targets have no experts and no such axis);
 - ``depth`` stacks the selected layers along a ``depth`` axis.
 
-A mode that is not listed splits the update into separate tensors along it (as in TensLoRA).
+A mode that is not listed splits the update into separate tensors along it (as in TensLoRA):
+without ``experts``, each expert's update is its own tensor.
 
 Grouped-query attention: k and v are narrower than q (``kv_heads · head_dim``). Targets are stacked
 only when their oriented shapes agree, so q (with o) forms one stack and k with v another, each a
@@ -23,21 +27,34 @@ from collections.abc import Sequence
 
 from .factorizations.base import Axis
 
-MODES: tuple[str, ...] = ("heads", "qkv", "depth")
-ALIASES: dict[str, str] = {"att": "heads", "attention": "heads", "layers": "depth"}
+MODES: tuple[str, ...] = ("heads", "qkv", "experts", "depth")
+ALIASES: dict[str, str] = {
+    "att": "heads",
+    "attention": "heads",
+    "layers": "depth",
+    "expert": "experts",
+    "moe": "experts",
+}
 #: projections stored transposed so that their model-width side sits on the ``in`` axis
-WRITE_PROJECTIONS: frozenset[str] = frozenset({"o", "down"})
+WRITE_PROJECTIONS: frozenset[str] = frozenset({"o", "down", "cross_o", "expert_down"})
 
 
 def canonical(mode: str) -> str:
-    """The canonical name of a mode or alias (``att`` -> ``heads``, ``layers`` -> ``depth``)."""
+    """The canonical name of a mode or alias (``att`` -> ``heads``, ``layers`` -> ``depth``,
+    ``moe`` -> ``experts``)."""
     return ALIASES.get(mode, mode)
 
 
 def tensor_axes(
-    modes: Sequence[str], n_in: int, n_out: int, n_heads: int, n_projections: int, n_layers: int
+    modes: Sequence[str],
+    n_in: int,
+    n_out: int,
+    n_heads: int,
+    n_projections: int,
+    n_layers: int,
+    n_experts: int = 0,
 ) -> tuple[Axis, ...]:
-    """Axes of one tensor, in order ``in, out | head_dim, heads, qkv, depth``.
+    """Axes of one tensor, in order ``in, out | head_dim, heads, qkv, experts, depth``.
 
     Args:
         modes: canonical stacking modes.
@@ -46,6 +63,7 @@ def tensor_axes(
         n_heads: heads on the head side, 0 when the targets have none (MLP).
         n_projections: projections stacked on ``qkv``.
         n_layers: layers stacked on ``depth``.
+        n_experts: experts stacked on ``experts``, 0 when the targets are not expert weights.
     """
     axes = [Axis("in", n_in)]
     if "heads" in modes and n_heads:
@@ -54,6 +72,8 @@ def tensor_axes(
         axes.append(Axis("out", n_out))
     if "qkv" in modes:
         axes.append(Axis("qkv", n_projections))
+    if "experts" in modes and n_experts:
+        axes.append(Axis("experts", n_experts))
     if "depth" in modes:
         axes.append(Axis("depth", n_layers))
     return tuple(axes)

@@ -425,7 +425,10 @@ def test_json_schema() -> None:
     enum = props["factorization"]["enum"]
     assert enum[: len(BUILTIN_NAMES)] == BUILTIN_NAMES
     assert enum == _factorizations().names()
-    assert props["targets"]["items"]["enum"] == ["q", "k", "v", "o", "up", "gate", "down"]
+    assert props["targets"]["items"]["enum"] == [
+        *("q", "k", "v", "o", "up", "gate", "down"),
+        *("cross_q", "cross_k", "cross_v", "cross_o", "expert_up", "expert_gate", "expert_down"),
+    ]
     assert set(props["modes"]["items"]["enum"]) == {*MODES, *MODE_ALIASES}
     assert "n_cores" in props["options"]["description"]
     assert schema.get("additionalProperties") is False

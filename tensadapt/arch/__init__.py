@@ -5,6 +5,13 @@ through the table of :data:`BUILTIN_FAMILIES`; a ``model_type`` not in the table
 ``meta`` device and scanned by module name patterns (:mod:`.scan`). ``from_model`` does the same
 from a live model, choosing the layout whose paths exist in it. ``resolve_modules`` then finds
 each site's module in a concrete model, whatever its task head prefix.
+
+Layer numbering: a model with several layer lists (encoder-decoder, text and vision towers) is
+numbered through, the first list's layers first: BART with 6 encoder and 6 decoder layers has
+layers 0..5 (encoder) and 6..11 (decoder), and :attr:`Architecture.stacks` records the spans. A
+projection has sites only where it exists: ``cross_q``/``cross_k``/``cross_v``/``cross_o`` (the
+decoder's cross-attention) in decoder layers, ``expert_*`` in sparse mixture-of-experts layers.
+A model holding only some of the lists (``T5EncoderModel``) is numbered over those it has.
 """
 
 from __future__ import annotations
@@ -13,8 +20,21 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError, first_line
-from .base import ATTENTION_PROJECTIONS, PROJECTIONS, Architecture, Fused, TargetSite
-from .families import BUILTIN_FAMILIES, Family, Layout, family_for, known_model_types
+from .base import (
+    ATTENTION_PROJECTIONS,
+    CROSS_PROJECTIONS,
+    EXPERT_PROJECTIONS,
+    MLP_PROJECTIONS,
+    PROJECTIONS,
+    Architecture,
+    ExpertWeights,
+    Fused,
+    StackSpan,
+    TargetSite,
+    pack,
+)
+from .families import BUILTIN_FAMILIES, family_for, known_model_types
+from .family import Experts, Family, Layout, Stack, Variant
 from .presets import PRESETS, load_config, preset_config
 
 if TYPE_CHECKING:  # torch-bound helpers load on first use: reading a family table needs no torch
@@ -78,9 +98,10 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
     except Exception as exc:
         reason = first_line(exc)
         raise ArchitectureError(
-            f"model_type {model_type!r} is not a known family "
-            f"({', '.join(known_model_types(fams))}) and AutoModel cannot build it to scan "
-            f"its modules: {reason}"
+            f"model_type {model_type!r} is not a known family (families "
+            f"{', '.join(f.name for f in fams)}; {len(known_model_types(fams))} model types, "
+            f"listed by tensadapt.arch.known_model_types()) and AutoModel cannot build it to "
+            f"scan its modules: {reason}"
         ) from exc
     from .scan import scan_model
 
@@ -90,8 +111,10 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
 def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Architecture:
     """The :class:`Architecture` of a live model (any device, ``meta`` included).
 
-    A known family (by ``model.config.model_type``) uses the first of its layouts whose layer-0
-    paths all exist in ``model``; otherwise, or without a config, module names are scanned.
+    A known family (by ``model.config.model_type``) uses the first of its layouts (for this
+    config's variant) whose layer-0 paths all exist in ``model``, keeping only the layer lists
+    the model has (``T5EncoderModel``: the encoder); otherwise, or without a config, module
+    names are scanned.
 
     Args:
         model: the model.
@@ -108,31 +131,50 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
 
     if family is not None:
         index = ModuleIndex(model)
-        for layout in family.layouts:
-            if index.has_all(t.format(l=0) for t in layout.paths.values()):
-                return family.architecture(config, layout)
+        fam = family.for_config(config)
+        for layout in fam.layouts:
+            arch = fam.architecture(config, layout)
+            spans = arch.stacks or (StackSpan("", 0, arch.n_layers),)
+            present = [
+                span.name
+                for span in spans
+                if index.has_all(s.module for s in arch.sites if s.layer == span.start)
+            ]
+            if len(present) == len(spans):
+                return arch
+            if present:
+                return fam.architecture(config, layout, stacks=present)
     return scan_model(model, config)
 
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "BUILTIN_FAMILIES",
+    "CROSS_PROJECTIONS",
+    "EXPERT_PROJECTIONS",
+    "MLP_PROJECTIONS",
     "PRESETS",
     "PROJECTIONS",
     "RULES",
     "Architecture",
+    "ExpertWeights",
+    "Experts",
     "Family",
     "Fused",
     "Layout",
     "ModuleIndex",
     "Rule",
+    "Stack",
+    "StackSpan",
     "TargetSite",
+    "Variant",
     "family_for",
     "from_config",
     "from_model",
     "get_module",
     "known_model_types",
     "load_config",
+    "pack",
     "preset_config",
     "resolve_modules",
     "scan_model",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ..errors import ArchitectureError
@@ -55,19 +56,44 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def _shape_problem(site: TargetSite, module: nn.Module) -> str | None:
     """Why ``module`` cannot hold ``site`` (wrong weight shape), or ``None`` if it fits."""
+    want = f"in {site.in_features}, out {site.out_features}"
+    out_total = site.fused.width if site.fused is not None else site.out_features
+    if site.fused is not None:
+        want += f" within a fused output of {out_total}"
+    if site.experts is not None:
+        return _expert_problem(site, module, want, out_total)
     weight = getattr(module, "weight", None)
     if weight is None or getattr(weight, "ndim", 0) != 2 or weight_layout(module) is None:
         return None  # a wrapper (e.g. an injected adapter): nothing to check here
     rows, cols = (int(n) for n in weight.shape)
     d_in, d_out = (rows, cols) if site.layout == "conv1d" else (cols, rows)
-    stop = site.out_slice[1] if site.out_slice else site.out_features
-    ok_out = d_out >= stop if site.out_slice else d_out == site.out_features
-    if d_in == site.in_features and ok_out:
+    if d_in == site.in_features and d_out == out_total:
         return None
-    want = f"in {site.in_features}, out {site.out_features}"
-    if site.out_slice:
-        want += f" at columns {site.out_slice[0]}:{site.out_slice[1]}"
     return f"{site.module} ({site.proj}): expected {want}, found in {d_in}, out {d_out}"
+
+
+def _expert_problem(site: TargetSite, module: nn.Module, want: str, out_total: int) -> str | None:
+    """Why ``module``'s stacked expert parameter does not fit ``site``, or ``None``."""
+    assert site.experts is not None
+    name = site.experts.param
+    param = getattr(module, name, None)
+    where = f"{site.module}.{name} ({site.proj})"
+    if not isinstance(param, torch.Tensor):
+        return f"{where}: no such parameter on {type(module).__name__}"
+    e, out, d_in = site.experts.n_experts, out_total, site.in_features
+    expected = (e, d_in, out) if site.layout == "conv1d" else (e, out, d_in)
+    if tuple(param.shape) != expected:
+        return (
+            f"{where}: expected {e} experts of {want} (shape {list(expected)}), "
+            f"found shape {list(param.shape)}"
+        )
+    bias = site.experts.bias
+    if bias is not None:
+        b = getattr(module, bias, None)
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (e, out):
+            found = list(b.shape) if isinstance(b, torch.Tensor) else "none"
+            return f"{site.module}.{bias} ({site.proj}): expected shape {[e, out]}, found {found}"
+    return None
 
 
 def resolve_modules(
@@ -83,7 +109,8 @@ def resolve_modules(
         model: the model (any device, ``meta`` included).
         arch: its architecture.
         check_shapes: also check that each linear module's weight fits the site's widths
-            (respecting ``layout`` and ``out_slice``); wrapped modules are not checked.
+            (respecting ``layout`` and ``fused``), and each expert parameter its
+            ``[E, out, in]`` (or ``[E, in, out]``) shape; wrapped modules are not checked.
 
     Returns:
         ``{(layer, proj): full module name}`` in ``arch.sites`` order.
