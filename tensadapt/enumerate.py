@@ -56,9 +56,7 @@ from .spec import MODES, AdapterSpec, _factorizations, get_factorization, load_s
 #: mixture-of-experts models), in the order tables list them.
 _DENSE_MODES = tuple(m for m in MODES if m != "experts")
 MODE_SUBSETS: tuple[tuple[str, ...], ...] = tuple(
-    combo
-    for k in range(len(_DENSE_MODES) + 1)
-    for combo in itertools.combinations(_DENSE_MODES, k)
+    combo for k in range(len(_DENSE_MODES) + 1) for combo in itertools.combinations(_DENSE_MODES, k)
 )
 
 Rank = int | dict[str, int]

@@ -310,6 +310,11 @@ def export_peft_lora(
     for name, m in mods:
         if active not in m.adapter_targets:
             continue
+        if not isinstance(m, AdaptedLinear):
+            raise ExportError(
+                f"{name}: mixture-of-experts targets live in stacked 3-D weights, which a PEFT LoRA "
+                "adapter cannot hold; export full weights instead (--to merged)"
+            )
         a, b, reps = _module_factors(m, adapter, rank, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(out_dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(out_dtype).contiguous()

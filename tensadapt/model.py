@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import PlanError, TensadaptError
 from .executor import Frame
-from .nn import AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
+from .nn import Adapted, AdaptedExperts, AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
 from .planner import Plan, TargetPlan, plan
 from .spec import AdapterSpec, load_spec
 
@@ -70,8 +70,9 @@ def get_adapter(model: nn.Module, name: str | None = None) -> TensorAdapter:
     return hub.adapter(name)
 
 
-def adapted_modules(model: nn.Module) -> list[tuple[str, AdaptedLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+def adapted_modules(model: nn.Module) -> list[tuple[str, Adapted]]:
+    """``(path, wrapper)`` of every adapted module (linear or experts)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Adapted)]
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
@@ -188,6 +189,11 @@ def attach(
             f"adapter {name!r}: the model's adapter rewrote the base weights (pretrained init "
             "or NF4 base); another adapter cannot share them"
         )
+    if (rewrites or p.spec.base != "fp") and any(t.experts is not None for t in p.targets):
+        raise PlanError(
+            f"init {p.spec.init!r} / base {p.spec.base!r}: pretrained inits and NF4 bases are not "
+            "supported on expert targets (expert_gate, expert_up, expert_down) yet"
+        )
     ref = next((prm for prm in model.parameters() if prm.is_floating_point()), None)
     device = ref.device if ref is not None else None
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -205,8 +211,9 @@ def attach(
         by_module.setdefault(paths[(t.layer, t.proj)], []).append(t)
     for path, ts in by_module.items():
         mod = model.get_submodule(path)
-        if not isinstance(mod, AdaptedLinear):
-            mod = AdaptedLinear(mod, hub)
+        if not isinstance(mod, Adapted):
+            kind = AdaptedExperts if ts[0].experts is not None else AdaptedLinear
+            mod = kind(mod, hub)
             _set_module(model, path, mod)
         mod.set_targets(name, ts)
     for want in p.spec.modules_to_save:
@@ -226,7 +233,8 @@ def attach(
     if rewrites or p.spec.base != "fp":
         from .init import initialize
 
-        initialize(adapted_modules(model), adapter, seed=seed)
+        linear = [(n, m) for n, m in adapted_modules(model) if isinstance(m, AdaptedLinear)]
+        initialize(linear, adapter, seed=seed)
     return adapter
 
 
@@ -255,7 +263,7 @@ def _saved_paths(model: nn.Module, want: str) -> list[str]:
     for n, m in model.named_modules():
         if not n or f"{HUB_ATTR}." in f"{n}." or ".copies." in f"{n}." or ".original" in n:
             continue
-        if (n == want or n.endswith("." + want)) and not isinstance(m, AdaptedLinear):
+        if (n == want or n.endswith("." + want)) and not isinstance(m, Adapted):
             out.append(n)
     return out
 
@@ -359,7 +367,8 @@ def merge(model: nn.Module) -> nn.Module:
     worst: tuple[float, str, str] = (0.0, "", "")
     for name, m in adapted_modules(base):
         m.merge(hub.active if hub is not None else None)
-        worst = max(worst, (m.merge_loss, name, str(m.weight.dtype).removeprefix("torch.")))
+        dtype = next((p.dtype for p in m.base.parameters()), torch.float32)
+        worst = max(worst, (m.merge_loss, name, str(dtype).removeprefix("torch.")))
     if worst[0] > MERGE_LOSS_WARN:
         warnings.warn(
             f"merging into {worst[2]} weights lost up to "

@@ -178,11 +178,9 @@ def _inplace_safe(base: nn.Module) -> bool:
     return isinstance(base, Conv1D)
 
 
-class AdaptedLinear(nn.Module):
-    """A base Linear/Conv1D plus the updates of the active adapter's targets in it.
-
-    ``forward(x) = base(x) + Σ_t update_t(x)`` placed at each target's output rows (a fused module
-    such as GPT-2's ``c_attn`` or BLOOM's ``query_key_value`` holds q, k and v).
+class Adapted(nn.Module):
+    """What every wrapper of a base module shares: the targets of each adapter in it, which one is
+    merged, and merging (into the base weights the targets name, as :meth:`weight_of` gives them).
 
     Args:
         base: the wrapped module (kept as ``self.base``; its weights stay frozen).
@@ -199,7 +197,6 @@ class AdaptedLinear(nn.Module):
         self.merged_adapter: str | None = None
         #: fraction of the merged update lost to the weight's precision (see :meth:`merge`)
         self.merge_loss = 0.0
-        self.inplace = _inplace_safe(base)
 
     @property
     def hub(self) -> AdapterHub:
@@ -209,10 +206,6 @@ class AdaptedLinear(nn.Module):
     @property
     def merged(self) -> bool:
         return self.merged_adapter is not None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight  # type: ignore[return-value]
 
     @property
     def targets(self) -> tuple[TargetPlan, ...]:
@@ -226,57 +219,68 @@ class AdaptedLinear(nn.Module):
     def layout(self) -> str:
         return next(iter(self.adapter_targets.values()))[0].layout
 
-    @property
-    def out_width(self) -> int:
-        w = self.weight
-        return int(w.shape[1] if self.layout == "conv1d" else w.shape[0])
-
     def set_targets(self, name: str, targets: Sequence[TargetPlan]) -> None:
         self.adapter_targets[name] = tuple(targets)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def active_targets(self) -> tuple[TensorAdapter, tuple[TargetPlan, ...]] | None:
+        """The active adapter and its targets here, or ``None`` when the base alone runs
+        (merged, adapters disabled, or the active adapter does not touch this module)."""
         hub = self.hub
         name = hub.active
         if self.merged_adapter is not None or not hub.enabled or name is None:
-            return y
+            return None
         targets = self.adapter_targets.get(name)
         if targets is None:
-            return y
-        ad = hub.adapters[name]
-        return ad.add_updates(targets, x, y, self.inplace, hub.frame)  # type: ignore[operator,no-any-return]
+            return None
+        return hub.adapters[name], targets  # type: ignore[return-value]
+
+    # -- merging ---------------------------------------------------------------------------------
+    def weight_of(self, t: TargetPlan) -> torch.Tensor:
+        """The base weight (a view) that target ``t``'s update merges into."""
+        raise NotImplementedError  # pragma: no cover - each wrapper says where its weights are
+
+    def _weights(self, name: str) -> list[torch.Tensor]:
+        """The distinct base parameters adapter ``name`` merges into."""
+        raise NotImplementedError  # pragma: no cover
 
     @torch.no_grad()
     def _apply_delta(self, name: str, sign: float) -> None:
-        w = self.weight
         ad = self.hub.adapter(name)
-        dim = 1 if self.layout == "conv1d" else 0
         for t in self.adapter_targets[name]:
+            w = self.weight_of(t)
+            dim = 1 if t.layout == "conv1d" else 0
             fused.add_into(w, t.fused, dim, ad.delta_weight(t).to(w.dtype) * sign)
 
     @torch.no_grad()
     def _merge_low_precision(self, name: str) -> None:
-        """Merge into a 16-bit weight: ``W + ΔW`` computed in float32 and rounded once; the
-        weight before the merge is kept so :meth:`unmerge` restores it bit for bit, and the
+        """Merge into 16-bit weights: ``W + ΔW`` computed in float32 and rounded once; the
+        weights before the merge are kept so :meth:`unmerge` restores them bit for bit, and the
         part of ``ΔW`` the rounding loses is measured (:attr:`merge_loss`)."""
-        w = self.weight
         ad = self.hub.adapter(name)
-        dim = 1 if self.layout == "conv1d" else 0
-        self._premerge = w.detach().clone()
-        exact = w.detach().to(torch.float32)
-        delta = torch.zeros_like(exact)
+        params = self._weights(name)
+        self._premerge = [p.detach().clone() for p in params]
+        exact = {id(p): p.detach().to(torch.float32) for p in params}
+        delta = {id(p): torch.zeros_like(exact[id(p)]) for p in params}
         for t in self.adapter_targets[name]:
-            fused.add_into(delta, t.fused, dim, ad.delta_weight(t).to(torch.float32))
-        exact += delta
-        w.copy_(exact.to(w.dtype))
-        lost = (w.to(torch.float32) - exact).norm()
-        self.merge_loss = float(lost / delta.norm().clamp_min(1e-30))
+            w = self.weight_of(t)
+            owner = next(p for p in params if _shares_storage(w, p))
+            dim = 1 if t.layout == "conv1d" else 0
+            view = _same_view(delta[id(owner)], w, owner)
+            fused.add_into(view, t.fused, dim, ad.delta_weight(t).to(torch.float32))
+        lost = torch.zeros(())
+        total = torch.zeros(())
+        for p in params:
+            merged = exact[id(p)] + delta[id(p)]
+            p.copy_(merged.to(p.dtype))
+            lost = lost + (p.to(torch.float32) - merged).square().sum()
+            total = total + delta[id(p)].square().sum()
+        self.merge_loss = float(lost.sqrt() / total.sqrt().clamp_min(1e-30))
 
     def merge(self, name: str | None = None) -> None:
-        """Add an adapter's updates (default: the active one) into the base weight; the forward
-        then costs exactly the base's. An NF4 base first materialises a dense weight; a 16-bit
-        weight is merged in float32 and rounded once, the loss measured in :attr:`merge_loss`
-        (``‖round(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖``: what fraction of the update the weight's precision
+        """Add an adapter's updates (default: the active one) into the base weights; the forward
+        then costs exactly the base's. An NF4 base first materialises a dense weight; 16-bit
+        weights are merged in float32 and rounded once, the loss measured in :attr:`merge_loss`
+        (``‖round(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖``: what fraction of the update the weights' precision
         cannot hold)."""
         name = name or self.hub.active
         if self.merged_adapter is not None or name is None or name not in self.adapter_targets:
@@ -284,7 +288,7 @@ class AdaptedLinear(nn.Module):
         materialize = getattr(self.base, "materialize", None)
         if materialize is not None:
             materialize()
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
+        if any(w.dtype in (torch.float16, torch.bfloat16) for w in self._weights(name)):
             self._merge_low_precision(name)
         else:
             self._apply_delta(name, 1.0)
@@ -292,9 +296,9 @@ class AdaptedLinear(nn.Module):
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Subtract the merged updates again, restoring the base weight (a 16-bit weight exactly,
-        from its copy; a float32 one up to float rounding; an NF4 base drops its dense weight and
-        is back to its exact codes)."""
+        """Subtract the merged updates again, restoring the base weights (16-bit ones exactly,
+        from their copy; float32 ones up to float rounding; an NF4 base drops its dense weight
+        and is back to its exact codes)."""
         name = self.merged_adapter
         if name is None:
             return
@@ -304,7 +308,8 @@ class AdaptedLinear(nn.Module):
             release()
         elif premerge is not None:
             with torch.no_grad():
-                self.weight.copy_(premerge)
+                for p, old in zip(self._weights(name), premerge, strict=True):
+                    p.copy_(old)
         else:
             self._apply_delta(name, -1.0)
         self.merged_adapter = None
@@ -312,6 +317,172 @@ class AdaptedLinear(nn.Module):
     def extra_repr(self) -> str:
         keys = {n: [t.key for t in ts] for n, ts in self.adapter_targets.items()}
         return f"targets={keys}, merged={self.merged_adapter}"
+
+
+def _shares_storage(view: torch.Tensor, param: torch.Tensor) -> bool:
+    return view.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+
+
+def _same_view(full: torch.Tensor, view: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The view of ``full`` (shaped like ``owner``) at the place ``view`` has in ``owner``."""
+    offset = view.storage_offset() - owner.storage_offset()
+    return full.as_strided(view.shape, view.stride(), full.storage_offset() + offset)
+
+
+class AdaptedLinear(Adapted):
+    """A base Linear/Conv1D plus the updates of the active adapter's targets in it.
+
+    ``forward(x) = base(x) + Σ_t update_t(x)`` placed at each target's output rows (a fused module
+    such as GPT-2's ``c_attn`` or BLOOM's ``query_key_value`` holds q, k and v).
+    """
+
+    def __init__(self, base: nn.Module, hub: AdapterHub) -> None:
+        super().__init__(base, hub)
+        self.inplace = _inplace_safe(base)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight  # type: ignore[return-value]
+
+    @property
+    def out_width(self) -> int:
+        w = self.weight
+        return int(w.shape[1] if self.layout == "conv1d" else w.shape[0])
+
+    def weight_of(self, t: TargetPlan) -> torch.Tensor:
+        return self.weight
+
+    def _weights(self, name: str) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        found = self.active_targets()
+        if found is None:
+            return y
+        ad, targets = found
+        return ad.add_updates(targets, x, y, self.inplace, self.hub.frame)
+
+
+class AdaptedExperts(Adapted):
+    """A mixture-of-experts module (``transformers``' stacked-parameter experts: ``gate_up_proj
+    [E, 2I, d]`` or ``up_proj``, ``down_proj [E, d, I]``, optional biases, ``is_transposed``,
+    ``_apply_gate``/``act_fn``) plus the active adapter's updates of its experts.
+
+    The forward is routed: each expert a token is sent to runs ``down(gate(x·W_gu[e] + ΔW_gu[e]))``
+    with its update contracted from the factors for *its* tokens only -- an expert no token is
+    routed to costs nothing, and nothing is rebuilt per expert. It reads transformers' own
+    experts interface (the attributes above), so no family needs code of its own.
+    """
+
+    def __init__(self, base: nn.Module, hub: AdapterHub) -> None:
+        super().__init__(base, hub)
+        if getattr(base, "has_post_expert_norm", False):
+            from .errors import PlanError
+
+            raise PlanError(
+                f"{type(base).__name__}: experts with a post-expert norm are not supported"
+            )
+        self._by_expert: dict[str, dict[int, tuple[tuple[TargetPlan, ...], ...]]] = {}
+
+    def weight_of(self, t: TargetPlan) -> torch.Tensor:
+        assert t.experts is not None and t.expert is not None
+        param: torch.Tensor = getattr(self.base, t.experts.param)
+        return param[t.expert]
+
+    def _weights(self, name: str) -> list[torch.Tensor]:
+        names = dict.fromkeys(t.experts.param for t in self.adapter_targets[name] if t.experts)
+        return [getattr(self.base, n) for n in names]
+
+    def set_targets(self, name: str, targets: Sequence[TargetPlan]) -> None:
+        super().set_targets(name, targets)
+        self._by_expert.pop(name, None)
+
+    def _split(self, name: str) -> dict[int, tuple[tuple[TargetPlan, ...], ...]]:
+        """Per expert: (targets of its first projection, targets of its down projection)."""
+        found = self._by_expert.get(name)
+        if found is None:
+            first_param = "gate_up_proj" if getattr(self.base, "has_gate", True) else "up_proj"
+            by: dict[int, tuple[list[TargetPlan], list[TargetPlan]]] = {}
+            for t in self.adapter_targets[name]:
+                assert t.experts is not None and t.expert is not None
+                lists = by.setdefault(t.expert, ([], []))
+                lists[0 if t.experts.param == first_param else 1].append(t)
+            found = {e: (tuple(a), tuple(b)) for e, (a, b) in by.items()}
+            self._by_expert[name] = found
+        return found
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        found = self.active_targets()
+        if found is None:
+            return self.base(hidden_states, *args, **kwargs)  # type: ignore[no-any-return]
+        ad, _ = found
+        index, weights = _routing(args, kwargs)
+        ex: Any = self.base
+        per_expert = self._split(self.hub.active or "")
+        has_gate = getattr(ex, "has_gate", True)
+        first = ex.gate_up_proj if has_gate else ex.up_proj
+        first_bias = (
+            (ex.gate_up_proj_bias if has_gate else ex.up_proj_bias) if ex.has_bias else None
+        )
+        down_bias = ex.down_proj_bias if ex.has_bias else None
+        transposed = bool(getattr(ex, "is_transposed", False))
+        n_experts = first.shape[0]
+        k = index.shape[-1]
+        tokens = torch.arange(hidden_states.shape[0], device=index.device).repeat_interleave(k)
+        flat = index.reshape(-1)
+        flat_w = weights.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_experts).tolist()
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        empty: tuple[TargetPlan, ...] = ()
+        for e, c in enumerate(counts[:n_experts]):
+            if c == 0:
+                continue
+            sel = order[start : start + c]
+            start += c
+            rows = tokens[sel]
+            x = hidden_states[rows]
+            ups, downs = per_expert.get(e, (empty, empty))
+            h = _expert_linear(
+                x, first[e], first_bias[e] if first_bias is not None else None, transposed
+            )
+            if ups:
+                h = ad.add_updates(ups, x, h, False, None)
+            h = ex._apply_gate(h) if has_gate else ex.act_fn(h)
+            y = _expert_linear(
+                h, ex.down_proj[e], down_bias[e] if down_bias is not None else None, transposed
+            )
+            if downs:
+                y = ad.add_updates(downs, h, y, False, None)
+            out.index_add_(0, rows, (y * flat_w[sel, None]).to(out.dtype))
+        return out
+
+
+def _routing(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top_k_index [T, k], top_k_weights [T, k])`` of an experts module call, however the
+    family names them."""
+    index = kwargs.get("top_k_index", kwargs.get("router_indices"))
+    weights = kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+    rest = list(args)
+    if index is None and rest:
+        index = rest.pop(0)
+    if weights is None and rest:
+        weights = rest.pop(0)
+    if index is None or weights is None:
+        raise TypeError(
+            "an experts module is called with (hidden_states, top_k_index, top_k_weights)"
+        )
+    return index, weights
+
+
+def _expert_linear(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """``x·W[e]`` in the experts' layout (``[out, in]``, or ``[in, out]`` when transposed)."""
+    y = x @ w if transposed else x @ w.t()
+    return y if b is None else y + b
 
 
 class SavedModule(nn.Module):
@@ -371,6 +542,8 @@ def factor_items(adapter: TensorAdapter) -> list[tuple[str, str, nn.Parameter]]:
 
 
 __all__ = [
+    "Adapted",
+    "AdaptedExperts",
     "AdaptedLinear",
     "AdapterHub",
     "SavedModule",

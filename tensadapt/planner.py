@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract
-from .arch.base import PROJECTIONS, Architecture, Fused, TargetSite
+from .arch.base import PROJECTIONS, Architecture, ExpertWeights, Fused, TargetSite
 from .costs import TOKENS, best_route, lora_equivalent, stage_flops, total_flops
 from .errors import PlanError
 from .factorizations.base import Axis, FactorSpec, Network, nominal_rank
@@ -118,6 +118,8 @@ class TargetPlan:
         delta: the einsum reconstructing this target's slice ``S[x_legs, y_legs]`` from its factors.
         share_key: targets with the same key and the same input share ``stage_in``'s result.
         route: the two-matrix form, or ``None`` (MPO cores hold both sides).
+        experts: for a mixture-of-experts projection, the stacked parameter it lives in.
+        expert: which expert of it (its index on the parameter's first dimension).
     """
 
     layer: int
@@ -138,10 +140,13 @@ class TargetPlan:
     delta: Stage
     share_key: str
     route: Route | None = None
+    experts: ExpertWeights | None = None
+    expert: int | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.proj}.{self.layer}"
+        base = f"{self.proj}.{self.layer}"
+        return base if self.expert is None else f"{base}.e{self.expert}"
 
     @property
     def out_slice(self) -> tuple[int, int] | None:
@@ -271,32 +276,49 @@ def plan(
     sites = [s for s in arch.sites if s.proj in spec.targets and s.layer in wanted]
     if not sites:
         raise PlanError(f"targets {list(spec.targets)} exist in none of the layers {layers}")
-    present: dict[str, tuple[int, ...]] = {}
+    # the layers each projection exists in with each shape (a model may have a projection only in
+    # some layers -- cross attention in the decoder -- or in two widths -- a dense MLP in some
+    # layers, a shared expert in others)
+    present: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
     for s in sites:
-        present[s.proj] = (*present.get(s.proj, ()), s.layer)
+        k = (s.proj, *_oriented(s, lorta), s.n_experts)
+        present[k] = (*present.get(k, ()), s.layer)
 
-    # group sites by oriented shape and the layers they exist in (an encoder-decoder's cross
-    # attention exists in decoder layers only); within a group, split along unstacked modes
-    groups: dict[tuple[int, int, int, tuple[int, ...]], list[TargetSite]] = {}
-    for s in sites:
+    # every matrix: (site, expert) -- a mixture-of-experts site holds one matrix per expert
+    matrices = [(s, e) for s in sites for e in (range(s.n_experts) if s.experts else (None,))]
+    # group them by oriented shape, expert count and the layers they exist in (an
+    # encoder-decoder's cross attention exists in decoder layers only); within a group, split
+    # along unstacked modes
+    groups: dict[tuple[int, int, int, int, tuple[int, ...]], list[tuple[TargetSite, int | None]]]
+    groups = {}
+    for s, e in matrices:
         n_in, n_out = _oriented(s, lorta)
         heads = s.n_heads if ("heads" in modes and s.head_side is not None) else 0
-        groups.setdefault((n_in, n_out, heads, present[s.proj]), []).append(s)
+        where = present[(s.proj, n_in, n_out, s.n_experts)]
+        groups.setdefault((n_in, n_out, heads, s.n_experts, where), []).append((s, e))
     tensors: list[TensorPlan] = []
     targets: list[TargetPlan] = []
     problems: list[str] = []
-    for (n_in, n_out, n_heads, group_layers), members in groups.items():
-        projs = [p for p in PROJECTIONS if any(m.proj == p for m in members)]
+    taken: set[str] = set()
+    for (n_in, n_out, n_heads, n_experts, group_layers), members in groups.items():
+        projs = [p for p in PROJECTIONS if any(m.proj == p for m, _ in members)]
         gname = "_".join(projs)
-        parts: dict[tuple[str, ...], list[TargetSite]] = {}
-        for m in members:
+        if gname in taken:  # the same projections in another shape: a name of its own
+            gname = f"{gname}_{n_in}x{n_out}"
+        taken.add(gname)
+        parts: dict[tuple[str, ...], list[tuple[TargetSite, int | None]]] = {}
+        for m, e in members:
             part = ((gname,) if "qkv" in modes else (m.proj,)) + (
                 () if "depth" in modes else (f"l{m.layer}",)
             )
-            parts.setdefault(part, []).append(m)
+            if e is not None and "experts" not in modes:
+                part += (f"e{e}",)
+            parts.setdefault(part, []).append((m, e))
         for part, ms in parts.items():
             name = "__".join(part)  # e.g. q_k_v (stacked), q__l3 (per matrix)
-            axes = tensor_axes(modes, n_in, n_out, n_heads, len(projs), len(group_layers))
+            axes = tensor_axes(
+                modes, n_in, n_out, n_heads, len(projs), len(group_layers), n_experts
+            )
             try:
                 problems += [f"{name}: {p}" for p in fact.check(axes, spec.rank, options)]
                 if problems:
@@ -310,13 +332,16 @@ def plan(
                 name, axes, net.factors, net.axis_legs, net.leg_sizes, net.zero_factor, net.n_params
             )
             tensors.append(tp)
-            for m in ms:
+            names = {a.name for a in axes}
+            for m, expert in ms:
                 index = []
                 if "qkv" in modes:
                     index.append(("qkv", projs.index(m.proj)))
+                if "experts" in names and expert is not None:
+                    index.append(("experts", expert))
                 if "depth" in modes:
                     index.append(("depth", group_layers.index(m.layer)))
-                targets.append(_target_plan(tp, m, tuple(index), lorta, strided))
+                targets.append(_target_plan(tp, m, tuple(index), lorta, strided, expert))
     if problems:
         raise PlanError("; ".join(problems))
     n_params = sum(t.n_params for t in tensors)
@@ -333,7 +358,9 @@ def plan(
         spec=spec,
         architecture=arch.fingerprint(),
         tensors=tuple(tensors),
-        targets=tuple(sorted(targets, key=lambda t: (t.layer, PROJECTIONS.index(t.proj)))),
+        targets=tuple(
+            sorted(targets, key=lambda t: (t.layer, PROJECTIONS.index(t.proj), t.expert or 0))
+        ),
         n_params=n_params,
         lora_params=lora_params,
         flops_per_token=total_flops(targets),
@@ -389,6 +416,7 @@ def _target_plan(
     index: tuple[tuple[str, int], ...],
     lorta: bool,
     strided: bool,
+    expert: int | None = None,
 ) -> TargetPlan:
     axes_legs = dict(tp.axis_legs)
     transposed = _transposed(site, lorta)
@@ -474,6 +502,8 @@ def _target_plan(
         delta=delta,
         share_key=share_key,
         route=route,
+        experts=site.experts,
+        expert=expert,
     )
 
 

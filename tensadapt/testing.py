@@ -363,7 +363,9 @@ def _check_case(fact: Factorization, spec: dict[str, Any], kind: str, case: str)
         ta.unmerge(model)
         for mname, module in adapted_modules(model):
             w0 = base_weights[f"{mname}.weight"]
-            if not torch.allclose(module.weight, w0, rtol=1e-5, atol=1e-6):
+            weight = module.base.weight
+            assert isinstance(weight, torch.Tensor)
+            if not torch.allclose(weight, w0, rtol=1e-5, atol=1e-6):
                 raise _fail(case, "unmerge", f"module {mname}: base weight not restored")
         if not torch.allclose(_out(model, inputs), unmerged, rtol=1e-4, atol=1e-5):
             raise _fail(case, "unmerge", "output after merge+unmerge differs")
