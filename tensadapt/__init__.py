@@ -1,6 +1,7 @@
 """tensadapt: tensor-factorized parameter-efficient fine-tuning for Hugging Face transformers.
 
-Data flow: ``load_spec`` → ``plan`` → ``inject`` → train → ``merge`` / ``save_adapter``.
+Data flow: ``load_spec`` → ``plan`` → ``TensadaptModel`` → train → ``merge_and_unload`` /
+``save_pretrained``.
 
 Names are imported on first use (PEP 562), so ``import tensadapt`` and the spec commands of the
 CLI (``validate``, ``schema``, ``--help``) never import torch or transformers.
@@ -19,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "PlanError": "errors",
     "SpecError": "errors",
     "AdapterSpec": "spec",
+    "AdapterTrainer": "trainer",
+    "TensadaptModel": "model",
     "load_spec": "spec",
     "Plan": "planner",
     "plan": "planner",
@@ -35,9 +38,11 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "AdapterMismatchError",
     "AdapterSpec",
+    "AdapterTrainer",
     "Plan",
     "PlanError",
     "SpecError",
+    "TensadaptModel",
     "__version__",
     "export_peft_lora",
     "inject",
@@ -55,9 +60,17 @@ if TYPE_CHECKING:
     from .errors import AdapterMismatchError, PlanError, SpecError
     from .export import export_peft_lora
     from .io import load_adapter, save_adapter
-    from .model import inject, merge, merge_and_unload, trainable_parameters, unmerge
+    from .model import (
+        TensadaptModel,
+        inject,
+        merge,
+        merge_and_unload,
+        trainable_parameters,
+        unmerge,
+    )
     from .planner import Plan, plan
     from .spec import AdapterSpec, load_spec
+    from .trainer import AdapterTrainer
 
 
 def __getattr__(name: str) -> Any:
