@@ -54,6 +54,11 @@ class RegistryError(TensadaptError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PluginError(TensadaptError, RuntimeError):
+    """A plugin failed while tensadapt used it (an exception from one of its factorization's
+    methods, say); the message names the plugin, its distribution and version, and what failed."""
+
+
 class ArchitectureError(TensadaptError, ValueError):
     """A model family cannot be adapted; the message says what was found."""
 

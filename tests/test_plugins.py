@@ -8,12 +8,17 @@ import re
 import subprocess
 import sys
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, build_model, hidden, model_inputs
+from fake_plugins import (
+    FakeEntryPoint,
+    install,
+    install_examples,
+    needs_installed_examples,
+)
 
 import tensadapt as ta
 from tensadapt import cli, plugins
@@ -34,9 +39,11 @@ alpha: 4
 
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
-    """Every test starts from a fresh load with nothing disabled, and leaves one behind."""
+    """Every test starts from a fresh load with nothing disabled and the example plugins
+    installed (from their source trees when ``make install`` did not), and leaves one behind."""
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
     plugins.reset(disabled=())
+    install_examples(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -44,32 +51,7 @@ def _fresh_plugins(monkeypatch):
     plugins.reset(disabled=())
 
 
-# -- fake distributions for failure isolation ------------------------------------------------------
-@dataclass
-class FakeDist:
-    name: str
-    version: str
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.metadata = {"Name": self.name}
-
-
-class FakeEntryPoint:
-    """Stands in for an ``importlib.metadata.EntryPoint`` of an installed distribution."""
-
-    group = "tensadapt"
-
-    def __init__(self, name: str, target: object, dist: str, version: str = "1.2.3") -> None:
-        self.name, self.value, self._target = name, f"{dist.replace('-', '_')}", target
-        self.dist = FakeDist(dist, version)
-
-    def load(self) -> object:
-        if isinstance(self._target, BaseException):
-            raise self._target
-        return self._target
-
-
+# -- fake plugins ----------------------------------------------------------------------------------
 def _plugin_module(name: str, **hooks: object) -> types.ModuleType:
     mod = types.ModuleType(name)
     for hook, value in hooks.items():
@@ -103,12 +85,6 @@ class NotAFactorization:
 
     def rank_keys(self, axes):
         return ()
-
-
-def _install_fakes(monkeypatch, *eps: FakeEntryPoint) -> None:
-    real = plugins._entry_points
-    monkeypatch.setattr(plugins, "_entry_points", lambda: [*real(), *eps])
-    plugins.reset()
 
 
 # -- registry --------------------------------------------------------------------------------------
@@ -162,6 +138,7 @@ def test_installed_plugins_are_registered_with_their_distribution() -> None:
     assert neo.source == "tensadapt-gpt-neo"
 
 
+@needs_installed_examples
 def test_no_plugin_is_imported_at_import_tensadapt() -> None:
     code = (
         "import sys, tensadapt\n"
@@ -256,7 +233,7 @@ def test_each_broken_plugin_is_reported_by_name_and_the_rest_keep_working(monkey
         raise RuntimeError("config table missing")
 
     raising.tensadapt_register_architectures = tensadapt_register_architectures  # type: ignore[attr-defined]
-    _install_fakes(
+    install(
         monkeypatch,
         FakeEntryPoint("good", good, "tensadapt-good"),
         FakeEntryPoint(
@@ -269,8 +246,9 @@ def test_each_broken_plugin_is_reported_by_name_and_the_rest_keep_working(monkey
         FakeEntryPoint("duck", duck, "tensadapt-duck"),
         FakeEntryPoint("raising", raising, "tensadapt-raising", "0.0.1"),
     )
+    fact = plugins.factorization_registry()
     with pytest.warns(plugins.PluginWarning) as caught:
-        fact = plugins.factorization_registry()
+        fact.names()  # the built-ins are there from the start; listing every name loads plugins
     msgs = [str(f) for f in plugins.failures()]
     assert len(msgs) == len(caught.list) == 5, msgs
 
@@ -309,7 +287,7 @@ def test_each_broken_plugin_is_reported_by_name_and_the_rest_keep_working(monkey
 
 
 def test_cli_plugins_reports_failures(monkeypatch, capsys) -> None:
-    _install_fakes(
+    install(
         monkeypatch, FakeEntryPoint("broken", ImportError("boom"), "tensadapt-broken", "0.4")
     )
     with pytest.warns(plugins.PluginWarning):
@@ -325,7 +303,7 @@ def test_cli_plugins_reports_failures(monkeypatch, capsys) -> None:
 def test_unknown_hook_name_is_reported(monkeypatch) -> None:
     typo = types.ModuleType("typo")
     typo.tensadapt_register_factorisations = hookimpl(lambda: [Kron2])  # type: ignore[attr-defined]
-    _install_fakes(monkeypatch, FakeEntryPoint("typo", typo, "tensadapt-typo"))
+    install(monkeypatch, FakeEntryPoint("typo", typo, "tensadapt-typo"))
     with pytest.warns(
         plugins.PluginWarning, match=r"unknown hook\(s\) \['tensadapt_register_factorisations'\]"
     ):
@@ -337,7 +315,7 @@ def test_family_claiming_a_known_model_type_is_rejected(monkeypatch) -> None:
 
     clash = Family("my_llama", ("llama",), (Layout({"q": "layers.{l}.q"}),))
     mod = _plugin_module("clash", tensadapt_register_architectures=[clash])
-    _install_fakes(monkeypatch, FakeEntryPoint("clash", mod, "tensadapt-clash"))
+    install(monkeypatch, FakeEntryPoint("clash", mod, "tensadapt-clash"))
     with pytest.warns(
         plugins.PluginWarning,
         match=r"model_type\(s\) \['llama'\] already covered by family 'llama'",
@@ -372,6 +350,7 @@ def test_disabled_by_cli_option(tmp_path, capsys) -> None:
     assert "factorization" in capsys.readouterr().out
 
 
+@needs_installed_examples
 def test_disabled_plugin_is_not_imported() -> None:
     code = (
         "import sys\nfrom tensadapt import plugins\n"
