@@ -44,13 +44,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def _registered_families() -> tuple[Family, ...]:
-    """The built-in families and those plugins register (loads plugins on first use)."""
-    from ..plugins import families
-
-    return families()
-
-
 def from_config(config: Any, families: Iterable[Family] | None = None) -> Architecture:
     """The :class:`Architecture` of a ``transformers`` ``PretrainedConfig``, without weights.
 
@@ -64,7 +57,7 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
     Raises:
         ArchitectureError: the family is unknown and the model cannot be built or scanned.
     """
-    fams = _registered_families() if families is None else tuple(families)
+    fams = None if families is None else tuple(families)
     model_type = str(getattr(config, "model_type", "") or "")
     family = family_for(model_type, fams)
     if family is not None:
@@ -100,7 +93,7 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
     Raises:
         ArchitectureError: nothing adaptable is found; the message says what was.
     """
-    fams = _registered_families() if families is None else tuple(families)
+    fams = None if families is None else tuple(families)
     config = getattr(model, "config", None)
     family = family_for(str(getattr(config, "model_type", "") or ""), fams)
     from .resolve import ModuleIndex
