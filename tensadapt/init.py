@@ -48,7 +48,6 @@ import torch
 
 from .errors import PlanError
 from .factorizations.base import Network
-from .hookspecs import hookimpl
 from .modes import out_side
 
 if TYPE_CHECKING:
@@ -311,16 +310,6 @@ def mpo(
     if factorization != "mpo":
         raise PlanError(f"init: 'mpo' initialises factorization 'mpo' only, not {factorization!r}")
     return decompose(factorization, net, full, gen)
-
-
-svd.description = "pretrained weights by SVD / HOSVD-HOOI / CP-ALS / TT-SVD"  # type: ignore[attr-defined]
-mpo.description = "pretrained weights by DoTA's MPO (TT-matrix SVD)"  # type: ignore[attr-defined]
-
-
-@hookimpl
-def tensadapt_register_initializers() -> list[Callable[..., Any]]:
-    """The built-in pretrained initialisers (``zeros`` is the factors' default init)."""
-    return [svd, mpo]
 
 
 # -- applying it to a model ---------------------------------------------------------------------
