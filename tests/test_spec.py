@@ -14,11 +14,11 @@ from pydantic import BaseModel, ValidationError
 
 from tensadapt.errors import Problem, SpecError
 from tensadapt.factorizations import BUILTINS
+from tensadapt.plugins import factorization_registry
 from tensadapt.spec import (
     MODE_ALIASES,
     MODES,
     AdapterSpec,
-    _factorizations,
     axis_names,
     json_schema,
     load_spec,
@@ -424,7 +424,7 @@ def test_json_schema() -> None:
     # built-ins first, then installed plugins (the test set-up installs tensadapt-tensor-ring)
     enum = props["factorization"]["enum"]
     assert enum[: len(BUILTIN_NAMES)] == BUILTIN_NAMES
-    assert enum == _factorizations().names()
+    assert enum == factorization_registry().names()
     assert props["targets"]["items"]["enum"] == ["q", "k", "v", "o", "up", "gate", "down"]
     assert set(props["modes"]["items"]["enum"]) == {*MODES, *MODE_ALIASES}
     assert "n_cores" in props["options"]["description"]
