@@ -24,6 +24,13 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (just the type when there is no message): how a
+    library's or a plugin's exception is quoted inside a tensadapt error."""
+    text = first_line(exc, limit)
+    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
+
+
 class TensadaptError(Exception):
     """Base class of every error tensadapt raises on purpose."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import opt_einsum as oe
 from pydantic import BaseModel
 
-from .errors import first_line
+from .errors import describe
 from .factorizations.base import Axis, Factorization, Network, equation
 from .registry import Entry, Initializer
 
@@ -28,12 +28,6 @@ NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 #: The tensor the loader builds a new factorization's network for: ``in=16, out=8`` at rank 2.
 PROBE_AXES: tuple[Axis, ...] = (Axis("in", 16), Axis("out", 8))
 PROBE_RANK = 2
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: first line of the message`` (or just the type when there is no message)."""
-    text = first_line(exc, 300)
-    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
 
 
 def network_problems(net: object, axes: Sequence[Axis]) -> list[str]:

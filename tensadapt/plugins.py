@@ -44,11 +44,10 @@ import pluggy
 from pydantic import ValidationError
 
 from . import _builtin_plugin, hookspecs
-from .errors import PluginError, RegistryError, TensadaptError
+from .errors import PluginError, RegistryError, TensadaptError, describe
 from .hookspecs import HOOKS, PROJECT, hookimpl
 from .plugin_checks import (
     as_initializer,
-    describe,
     factorization_problems,
     family_problems,
     network_problems,

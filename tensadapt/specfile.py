@@ -26,6 +26,7 @@ integers      :data:`MAX_INT_DIGITS` digits, checked on the literal before Pytho
 from __future__ import annotations
 
 import json
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import NoReturn
 
 import yaml
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, describe
 
 #: Largest spec file or text, in bytes (characters for text).
 MAX_BYTES = 1 << 20
@@ -47,6 +48,19 @@ MAX_INT_DIGITS = 18
 
 _INT_TAG = "tag:yaml.org,2002:int"
 _RESOLVER = yaml.resolver.Resolver()
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading YAML 1.2 exponents without a dot (``2e-3``, ``1E+5``) as
+    numbers, as users write learning rates; YAML 1.1 (PyYAML) reads them as text, which a strict
+    spec would then refuse."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass
@@ -131,14 +145,15 @@ def parse_text(text: str, source: str, suffix: str = "") -> Parsed:
         check_data(parsed.data, source)
         return parsed
     _check_events(text, source)
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         refuse(source, _yaml_error(exc))
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp 2001-13-45
-        refuse(source, f"YAML value cannot be read: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # PyYAML's constructors on hostile values: `2001-13-45` is a
+        # ValueError, `!!timestamp x` an AttributeError; whatever it is, it is this value's fault
+        refuse(source, f"YAML value cannot be read: {describe(exc)}")
     finally:
         loader.dispose()
     check_data(data, source)  # aliases expanded: after this every walk is bounded
@@ -209,7 +224,7 @@ def _check_events(text: str, source: str) -> None:
     """Depth, node count and integer literals, on the event stream (nothing composed yet)."""
     depth = nodes = 0
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=_Loader):
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
@@ -224,8 +239,12 @@ def _check_events(text: str, source: str) -> None:
                 nodes += 1
                 if nodes > MAX_VALUES:
                     refuse(source, f"the spec holds more than {MAX_VALUES:,} values")
+    except SpecError:
+        raise
     except yaml.YAMLError as exc:
         refuse(source, _yaml_error(exc))
+    except Exception as exc:  # a scanner or parser bug on hostile text: still this text's fault
+        refuse(source, f"YAML text cannot be read: {describe(exc)}")
 
 
 def _at(event: yaml.Event) -> str:
@@ -296,11 +315,15 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
 
 
 def _digits(value: int) -> int:
-    """Decimal digits of ``value`` without converting it to text (which is what is refused)."""
+    """Decimal digits of ``value``, without converting it to text (``str()`` of an integer of
+    more than 4,300 digits raises ``ValueError``, which is what this limit prevents)."""
     n = abs(value)
-    if n.bit_length() > 4 * MAX_INT_DIGITS:  # far past the limit: an estimate is enough
-        return int(n.bit_length() * 0.30103) + 1
-    return len(str(n))
+    if n < 10:
+        return 1
+    estimate = int(n.bit_length() * 0.30103) + 1  # log10(2): too high by at most one
+    if estimate > 100_000:  # far past the limit: the estimate will do
+        return estimate
+    return estimate - 1 if n < 10 ** (estimate - 1) else estimate
 
 
 def _too_big(size: int, unit: str) -> str:
