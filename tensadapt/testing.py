@@ -58,6 +58,7 @@ __all__ = [
     "MODE_CASES",
     "check_factorization",
     "ranks",
+    "single_thread",
     "specs",
     "synthetic_model",
     "tensor_shapes",
@@ -223,7 +224,7 @@ def check_factorization(
     problems = factorization_problems(klass)
     if problems:
         raise ConformanceError(f"{klass.__qualname__}: interface: " + "; ".join(problems))
-    with _registered(klass) as name, _one_thread():
+    with _registered(klass) as name, single_thread():
         fact = klass()
         if shapes:
             _probe_shapes(fact, fact.parse_options(options), name, shapes)
@@ -279,8 +280,9 @@ def _probe_shapes(fact: Factorization, options: BaseModel, name: str, examples: 
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not fight a busy machine's other jobs)."""
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block: tiny models run fastest so (and do not fight
+    a busy machine's other jobs). Plugin test suites use it as a fixture."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -27,6 +27,7 @@ from tensadapt.errors import RegistryError
 from tensadapt.factorizations.base import Factorization, make_network
 from tensadapt.hookspecs import HOOKS, hookimpl
 from tensadapt.registry import Registry
+from tensadapt.testing import single_thread
 
 RING_SPEC = """\
 # a tensor-ring adapter (from the tensadapt-tensor-ring plugin) over stacked q/k/v and layers
@@ -45,10 +46,8 @@ def _fresh_plugins(monkeypatch):
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
     plugins.reset(disabled=())
     install_examples(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
     plugins.reset(disabled=())
 
 
