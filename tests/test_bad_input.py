@@ -827,8 +827,8 @@ def test_red_team_hostile_yaml(case: tuple[str, str | None]) -> None:
         assert err is not None and any(limit in p.message for p in err.problems), (text[:80], err)
 
 
-def _hostile_python(draw: st.DrawFn) -> Any:
-    leaves = st.one_of(
+_HOSTILE_VALUES = st.recursive(
+    st.one_of(
         st.none(),
         st.booleans(),
         st.integers(-(10**30), 10**30),
@@ -836,22 +836,25 @@ def _hostile_python(draw: st.DrawFn) -> Any:
         st.text(max_size=8),
         st.binary(max_size=4),
         st.sampled_from([object(), {1, 2}, frozenset(), 1j, Path("x")]),
-    )
-    value = draw(
-        st.recursive(
-            leaves,
-            lambda kids: st.one_of(
-                st.lists(kids, max_size=4),
-                st.tuples(kids, kids),
-                st.dictionaries(
-                    st.one_of(st.text(max_size=6), st.integers(), st.sampled_from(_FIELDS)),
-                    kids,
-                    max_size=4,
-                ),
-            ),
-            max_leaves=15,
-        )
-    )
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.tuples(kids, kids),
+        st.dictionaries(
+            st.one_of(st.text(max_size=6), st.integers(), st.sampled_from(_FIELDS)),
+            kids,
+            max_size=4,
+        ),
+    ),
+    max_leaves=15,
+)
+
+
+@st.composite
+def hostile_python(draw: st.DrawFn) -> Any:
+    """Python data as no YAML could give: odd types, huge integers, cycles, shared references
+    (a bomb), deep nesting."""
+    value = draw(_HOSTILE_VALUES)
     twist = draw(st.sampled_from(["none", "cycle", "share", "deep"]))
     if twist == "cycle" and isinstance(value, list):
         value.append(value)
@@ -866,9 +869,6 @@ def _hostile_python(draw: st.DrawFn) -> Any:
 
 
 @settings(max_examples=RED_TEAM_EXAMPLES["python"], deadline=None)
-@given(st.data())
-def test_red_team_python_mappings(data: st.DataObject) -> None:
-    spec = data.draw(
-        st.dictionaries(st.sampled_from(_FIELDS), st.composite(_hostile_python)(), max_size=4)
-    )
+@given(st.dictionaries(st.sampled_from(_FIELDS), hostile_python(), max_size=4))
+def test_red_team_python_mappings(spec: dict[str, Any]) -> None:
     _spec_error_or_spec(spec)
