@@ -743,6 +743,7 @@ def _spec_error_or_spec(source: Any) -> SpecError | None:
     return None
 
 
+@pytest.mark.slow
 @settings(max_examples=RED_TEAM_EXAMPLES["text"], deadline=None)
 @given(st.text(alphabet=_YAML_CHARS, max_size=160))
 def test_red_team_random_text(text: str) -> None:
@@ -816,6 +817,7 @@ def hostile_yaml(draw: st.DrawFn) -> tuple[str, str | None]:
     return f"{key}: {text}\n", None
 
 
+@pytest.mark.slow
 @settings(max_examples=RED_TEAM_EXAMPLES["hostile"], deadline=None)
 @given(hostile_yaml())
 def test_red_team_hostile_yaml(case: tuple[str, str | None]) -> None:
@@ -868,6 +870,7 @@ def hostile_python(draw: st.DrawFn) -> Any:
     return value
 
 
+@pytest.mark.slow
 @settings(max_examples=RED_TEAM_EXAMPLES["python"], deadline=None)
 @given(st.dictionaries(st.sampled_from(_FIELDS), hostile_python(), max_size=4))
 def test_red_team_python_mappings(spec: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ def test_the_table_covers_builtins_and_the_installed_plugin() -> None:
     assert {"lora", "cp", "tucker", "tt", "mpo", "tensor_ring"} <= set(_registered())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _registered())
 def test_every_registered_factorization_conforms(name: str) -> None:
     cls = type(plugins.factorization_registry().get(name))
