@@ -1,22 +1,27 @@
-"""Checks on what a plugin hands to tensadapt, run when it is registered (and by the conformance
-kit): a factorization class, a tensor network, a model family, an initialiser.
+"""What a plugin hands to tensadapt: checked when it is registered (and by the conformance kit),
+guarded when it is used.
 
-Each check returns a list of problems (strings, empty when all is well) instead of raising, so the
-plugin loader can report them by plugin name and leave that entry out. Nothing here imports torch:
-a network is checked by its legs and shapes, and its contraction by opt_einsum on shapes alone.
+Each check -- of a factorization class, a tensor network, a model family, an initialiser -- returns
+a list of problems (strings, empty when all is well) instead of raising, so the plugin loader can
+report them by plugin name and leave that entry out. :func:`guard` and :func:`as_guest` wrap a
+plugin's code when it runs: its exceptions become a :class:`~tensadapt.errors.PluginError` naming
+it, its prints go to stderr. Nothing here imports torch: a network is checked by its legs and
+shapes, and its contraction by opt_einsum on shapes alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import opt_einsum as oe
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from .errors import describe
+from .errors import PluginError, TensadaptError, describe
 from .factorizations.base import Axis, Factorization, Network, equation
 from .registry import Entry, Initializer
 
@@ -28,6 +33,8 @@ NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 #: The tensor the loader builds a new factorization's network for: ``in=16, out=8`` at rank 2.
 PROBE_AXES: tuple[Axis, ...] = (Axis("in", 16), Axis("out", 8))
 PROBE_RANK = 2
+#: The methods of a plugin's factorization whose exceptions become a ``PluginError``.
+GUARDED_METHODS: tuple[str, ...] = ("rank_keys", "check", "network", "n_params", "parse_options")
 
 
 def network_problems(net: object, axes: Sequence[Axis]) -> list[str]:
@@ -178,3 +185,39 @@ def as_initializer(obj: object) -> tuple[str, Initializer | None, list[str]]:
     if not (callable(ini.function) or isinstance(ini.function, str) and ":" in ini.function):
         problems.append(f"'function' must be a callable or 'module:attr', got {ini.function!r}")
     return ini.name, (None if problems else ini), problems
+
+
+class _GuestMethod:
+    """A plugin factorization's method whose exceptions become a ``PluginError`` naming it.
+
+    Passed through: :class:`~tensadapt.errors.TensadaptError` (an error tensadapt means) and
+    pydantic's ``ValidationError`` (bad ``options:``, reported at their spec path).
+    """
+
+    def __init__(self, method: Callable[..., object], name: str, who: str) -> None:
+        self.method, self.name, self.who = method, name, who
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        try:
+            return self.method(*args, **kwargs)
+        except (TensadaptError, ValidationError):
+            raise
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise PluginError(f"{self.who}: {self.name}() raised {describe(exc)}") from exc
+
+
+def guard(obj: object, who: str) -> None:
+    """Shadow ``obj``'s :data:`GUARDED_METHODS` with :class:`_GuestMethod` wrappers (the object
+    keeps its class, so ``isinstance`` and ``type()`` still name the plugin's own class)."""
+    for name in GUARDED_METHODS:
+        with contextlib.suppress(AttributeError, TypeError):  # __slots__: left as it is
+            setattr(obj, name, _GuestMethod(getattr(obj, name), name, who))
+
+
+@contextlib.contextmanager
+def as_guest() -> Iterator[None]:
+    """Run plugin code with its prints sent to stderr (stdout belongs to the command)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -29,27 +29,26 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import re
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, cast
 
 import pluggy
-from pydantic import ValidationError
 
 from . import _builtin_plugin, hookspecs
-from .errors import PluginError, RegistryError, TensadaptError, describe
+from .errors import RegistryError, describe
 from .hookspecs import HOOKS, PROJECT, hookimpl
 from .plugin_checks import (
+    as_guest,
     as_initializer,
     factorization_problems,
     family_problems,
+    guard,
     network_problems,
 )
 from .registry import Initializer, Registry
@@ -73,8 +72,6 @@ KINDS: tuple[tuple[Kind, str], ...] = (
     ("initializer", "tensadapt_register_initializers"),
 )
 T = TypeVar("T")
-#: The methods of a plugin's factorization whose exceptions become a ``PluginError``.
-GUARDED_METHODS: tuple[str, ...] = ("rank_keys", "check", "network", "n_params", "parse_options")
 
 __all__ = [
     "DISABLE_ENV",
@@ -247,7 +244,7 @@ class PluginRegistry:
                 continue
             start = time.perf_counter()
             try:
-                with _guest():
+                with as_guest():
                     self.manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=src.name)
             except BaseException as exc:  # a guest's SystemExit must not end the command
                 if isinstance(exc, KeyboardInterrupt):
@@ -304,7 +301,7 @@ class PluginRegistry:
         if not caller.get_hookimpls():
             return []
         try:
-            with _guest():
+            with as_guest():
                 results = caller()
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
@@ -327,7 +324,7 @@ class PluginRegistry:
                 return
             inst: Factorization = item()
             if src.name != PROJECT:
-                _guard(inst, f"{src.label}: factorization {label!r}")
+                guard(inst, f"{src.label}: factorization {label!r}")
             self._put(self.factorizations, kind, label, inst, inst.description, src)
         elif kind == "architecture":
             label, problems = family_problems(item, self.architectures.loaded())
@@ -385,42 +382,6 @@ class PluginRegistry:
             "failures": [{**asdict(f), "message": str(f)} for f in self.failures],
             "slow": [{"message": s} for s in self.slow],
         }
-
-
-class _GuestMethod:
-    """A plugin factorization's method whose exceptions become a ``PluginError`` naming it.
-
-    Passed through: :class:`~tensadapt.errors.TensadaptError` (an error tensadapt means) and
-    pydantic's ``ValidationError`` (bad ``options:``, reported at their spec path).
-    """
-
-    def __init__(self, method: Callable[..., object], name: str, who: str) -> None:
-        self.method, self.name, self.who = method, name, who
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        try:
-            return self.method(*args, **kwargs)
-        except (TensadaptError, ValidationError):
-            raise
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise PluginError(f"{self.who}: {self.name}() raised {describe(exc)}") from exc
-
-
-def _guard(obj: object, who: str) -> None:
-    """Shadow ``obj``'s :data:`GUARDED_METHODS` with :class:`_GuestMethod` wrappers (the object
-    keeps its class, so ``isinstance`` and ``type()`` still name the plugin's own class)."""
-    for name in GUARDED_METHODS:
-        with contextlib.suppress(AttributeError, TypeError):  # __slots__: left as it is
-            setattr(obj, name, _GuestMethod(getattr(obj, name), name, who))
-
-
-@contextlib.contextmanager
-def _guest() -> Iterator[None]:
-    """Run plugin code with its prints sent to stderr (stdout belongs to the command)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
 
 
 def _entry_points() -> list[tuple[_Source, list[_Source]]]:

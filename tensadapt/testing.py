@@ -138,7 +138,7 @@ def tensor_shapes(
     )
 
 
-def ranks(keys: Sequence[str] = (), max_rank: int = 4) -> st.SearchStrategy[Any]:
+def ranks(keys: Sequence[str] = (), max_rank: int = 4) -> st.SearchStrategy[int | dict[str, int]]:
     """Ranks a spec may give: an int in ``1..max_rank``, or (when ``keys`` is not empty, e.g.
     ``factorization.rank_keys(axis_names)``) a mapping over some of the keys plus ``default``."""
     ints = st.integers(1, max_rank)
@@ -196,7 +196,7 @@ def synthetic_model(kind: str = "llama", seed: int = 0) -> nn.Module:
 def check_factorization(
     cls: type[Factorization] | Factorization,
     *,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, object] | None = None,
     rank: int = 2,
     models: Sequence[str] = ("llama", "gpt2"),
     modes: Sequence[Sequence[str]] = MODE_CASES,
@@ -232,7 +232,7 @@ def check_factorization(
             _, targets = _MODELS[kind]
             for i, ms in enumerate(modes):
                 keys = fact.rank_keys(axis_names(ms))
-                r: Any = rank
+                r: int | dict[str, int] = rank
                 if keys and i % 2 == 1:  # per-key ranks on every other case
                     # "default" covers MLP tensors, which keep ``out`` when heads are split
                     r = {**{k: rank + (j % 2) for j, k in enumerate(keys)}, "default": rank}
@@ -320,13 +320,13 @@ def _fail(case: str, check: str, msg: str) -> ConformanceError:
 
 def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    config: Any = model.config
-    vocab = int(config.vocab_size)
+    vocab = int(getattr(model.config, "vocab_size", 0))
     return {"input_ids": torch.randint(0, vocab, (2, 5), generator=g)}
 
 
 def _out(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(**inputs).last_hidden_state  # type: ignore[no-any-return]
+    hidden: torch.Tensor = model(**inputs).last_hidden_state
+    return hidden
 
 
 def _factor_dict(adapter: Any, tensor: str) -> dict[str, torch.Tensor]:
