@@ -418,6 +418,7 @@ def test_a_slow_import_is_reported_with_its_time(monkeypatch) -> None:
     ep = FakeEntryPoint("sleepy", mod, "tensadapt-sleepy")
     monkeypatch.setattr(ep, "load", lambda: time.sleep(0.05) or mod)
     monkeypatch.setattr(plugins, "SLOW_IMPORT_SECONDS", 0.01)
+    monkeypatch.setenv(plugins.DISABLE_ENV, "tensor_ring,gpt_neo")  # only the sleepy one, here
     install(monkeypatch, ep)
     with pytest.warns(plugins.PluginWarning, match=r"plugin 'sleepy' .*: import took \d+\.\d\d s"):
         plugins.factorization_registry().names()

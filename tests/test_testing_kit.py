@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from fake_plugins import install_examples, needs_installed_examples
+from fake_plugins import install_examples
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,8 +39,7 @@ def _registered() -> list[str]:
     return plugins.factorization_registry().names()
 
 
-@needs_installed_examples
-def test_the_table_covers_builtins_and_the_installed_plugin() -> None:
+def test_the_table_covers_builtins_and_the_installed_plugin(examples) -> None:
     assert {"lora", "cp", "tucker", "tt", "mpo", "tensor_ring"} <= set(_registered())
 
 
