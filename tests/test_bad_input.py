@@ -829,6 +829,13 @@ def test_red_team_hostile_yaml(case: tuple[str, str | None]) -> None:
         assert err is not None and any(limit in p.message for p in err.problems), (text[:80], err)
 
 
+def _containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = st.one_of(st.text(max_size=6), st.integers(), st.sampled_from(_FIELDS))
+    return st.one_of(
+        st.lists(kids, max_size=4), st.tuples(kids, kids), st.dictionaries(keys, kids, max_size=4)
+    )
+
+
 _HOSTILE_VALUES = st.recursive(
     st.one_of(
         st.none(),
@@ -839,15 +846,7 @@ _HOSTILE_VALUES = st.recursive(
         st.binary(max_size=4),
         st.sampled_from([object(), {1, 2}, frozenset(), 1j, Path("x")]),
     ),
-    lambda kids: st.one_of(
-        st.lists(kids, max_size=4),
-        st.tuples(kids, kids),
-        st.dictionaries(
-            st.one_of(st.text(max_size=6), st.integers(), st.sampled_from(_FIELDS)),
-            kids,
-            max_size=4,
-        ),
-    ),
+    _containers,
     max_leaves=15,
 )
 
