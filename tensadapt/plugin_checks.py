@@ -103,7 +103,7 @@ def factorization_problems(cls: object) -> list[str]:
     om = getattr(cls, "options_model", None)
     if not (isinstance(om, type) and issubclass(om, BaseModel)):
         problems.append(f"class {label}: options_model must be a pydantic model class, got {om!r}")
-    inits = getattr(cls, "inits", None)
+    inits = getattr(cls, "inits", ())  # optional: initialisers declare the formats they start
     if not isinstance(inits, tuple | list) or not all(isinstance(i, str) for i in inits):
         problems.append(f"class {label}: inits must be a tuple of names, got {inits!r}")
     if not isinstance(getattr(cls, "description", None), str):
