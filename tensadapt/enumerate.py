@@ -50,7 +50,8 @@ from typing import Any
 from .errors import PlanError, SpecError, TensadaptError, first_line
 from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
-from .spec import MODES, AdapterSpec, _factorizations, get_factorization, load_spec, spec_to_yaml
+from .plugins import factorization_registry
+from .spec import MODES, AdapterSpec, get_factorization, load_spec, spec_to_yaml
 
 #: Every subset of the stacking modes that apply to every model (``experts`` only exists in
 #: mixture-of-experts models), in the order tables list them.
@@ -320,7 +321,7 @@ def model_param_count(model: Any) -> int | None:
 
 def factorization_names() -> list[str]:
     """Every registered factorization (built-ins and plugins)."""
-    return list(_factorizations().names())
+    return list(factorization_registry().names())
 
 
 # -- the enumeration ---------------------------------------------------------------------------

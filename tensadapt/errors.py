@@ -24,6 +24,13 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (just the type when there is no message): how a
+    library's or a plugin's exception is quoted inside a tensadapt error."""
+    text = first_line(exc, limit)
+    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
+
+
 class TensadaptError(Exception):
     """Base class of every error tensadapt raises on purpose."""
 
@@ -52,6 +59,11 @@ class RegistryError(TensadaptError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class PluginError(TensadaptError, RuntimeError):
+    """A plugin failed while tensadapt used it (an exception from one of its factorization's
+    methods, say); the message names the plugin, its distribution and version, and what failed."""
 
 
 class ArchitectureError(TensadaptError, ValueError):

@@ -8,24 +8,26 @@ A plugin is a module (or any object) with functions named like these hooks and d
     tensor_ring = "tensadapt_tensor_ring"
 
 Each hook takes no arguments and returns a *list* (datasette style); tensadapt calls every
-plugin's implementation separately, so one plugin that raises, returns a duplicate name or a
-class that breaks the interface is reported (plugin name, distribution, version, what failed) and
-left out while the others keep working. The built-in factorizations, families and initialisers
-are registered through these same hooks (:mod:`tensadapt._builtin_plugin`).
+plugin's implementation separately (pluggy's ``subset_hook_caller``), so one plugin that raises,
+returns a duplicate name or a class that breaks the interface is reported (plugin name,
+distribution, version, what failed) and left out while the others keep working. A function named
+``tensadapt_*`` that is not one of these hooks is reported too (pluggy's ``check_pending``). The
+built-in factorizations, families and initialisers are registered through these same hooks
+(:mod:`tensadapt._builtin_plugin`).
 
 Nothing here imports torch or transformers: loading the hook specification is free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from .arch.families import Family
     from .factorizations.base import Factorization
+    from .registry import InitFunction, Initializer
 
 #: The pluggy project name and the entry-point group plugins declare.
 PROJECT = "tensadapt"
@@ -76,16 +78,23 @@ def tensadapt_register_architectures() -> list[Family]:
 
 
 @hookspec
-def tensadapt_register_initializers() -> list[Callable[..., Any]]:
+def tensadapt_register_initializers() -> list[Initializer | InitFunction]:
     """Initialisers (how an adapter's factors start) this plugin provides.
 
     Returns:
-        a list of callables. Each is registered under its ``name`` attribute when it has one,
-        else under its ``__name__``, and is the name specs use (``init: svd``); its one-line
-        description is its ``description`` attribute or the first line of its docstring. The call
-        signature is ``(factorization_name, network, full, generator) -> {factor name: tensor}``,
-        ``full`` being the stacked pretrained tensor divided by the update's scaling (see
-        :func:`tensadapt.init.svd`); tensadapt checks that each item is callable and its name free.
+        a list of :class:`~tensadapt.registry.Initializer` records, or of plain callables. An
+        ``Initializer`` declares ``name`` (the name specs use: ``init: my_init``),
+        ``description``, ``pretrained`` (it starts from the pretrained weights, so the spec needs
+        a ``residual``), ``factorizations`` (the formats it supports; ``None`` = all) and
+        ``function`` (a callable, or ``"module:attr"`` imported on first use). A plain callable
+        is read the same way from its attributes: ``name`` (else ``__name__``), ``description``
+        (else its docstring's first line), ``pretrained`` (default ``True``, what initialisers
+        were before the attribute existed) and ``factorizations`` (default ``None``).
+
+        The call signature is ``(factorization_name, network, full, generator) ->
+        {factor name: tensor}``: ``full`` is the stacked pretrained tensor ``[axis sizes...]``
+        divided by the update's scaling (see :func:`tensadapt.init.svd`), ``None`` for an
+        initialiser that is not ``pretrained``. A name already taken is rejected and reported.
     """
     return []  # a specification: pluggy calls the plugins' implementations, never this body
 

@@ -51,7 +51,6 @@ import torch
 
 from .errors import PlanError
 from .factorizations.base import Network
-from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from .nn import AdaptedLinear, TensorAdapter
@@ -433,13 +432,6 @@ def tenslora(
         else:
             out[f.name] = torch.nn.init.orthogonal_(torch.empty(f.shape), generator=g)
     return out
-
-
-@hookimpl
-def tensadapt_register_initializers() -> list[Callable[..., Any]]:
-    """The built-in initialisers: pretrained ``svd`` and ``mpo``, and the papers' zero-update
-    ``lorta`` and ``tenslora`` (``zeros`` is the factors' default init)."""
-    return [svd, mpo, lorta, tenslora]
 
 
 def is_pretrained(initializer: Any) -> bool:

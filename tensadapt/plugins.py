@@ -1,17 +1,25 @@
-"""Plugins: a pluggy ``PluginManager`` over the entry-point group ``tensadapt``, and the registries
-of factorizations, architectures (model families) and initialisers it fills.
+"""Plugins: one :class:`PluginRegistry` -- a pluggy ``PluginManager`` over the entry-point group
+``tensadapt`` and the three name tables it fills (factorizations, architectures, initialisers).
 
-The built-ins are registered through the same hooks as outside plugins (:mod:`._builtin_plugin`,
-and :mod:`tensadapt.init` when present). Loading is lazy: nothing from an entry point is imported
-at ``import tensadapt``; the first lookup in a registry (validating a spec, planning, ``tensadapt
-plugins``) loads every plugin once.
+The built-ins register through the same hooks as outside plugins (:mod:`._builtin_plugin`), at
+once and without torch. Installed plugins are loaded lazily, once, by pluggy itself
+(``load_setuptools_entrypoints``, one entry point at a time so that one failure stays one
+failure): when a lookup misses among the built-ins (a spec naming ``tensor_ring``, a config whose
+``model_type`` no built-in family covers) or when every name is listed (``tensadapt plugins``, the
+JSON Schema). So validating a spec that names only built-ins imports no plugin.
 
-Failure isolation: a plugin that cannot be imported, whose hook raises or returns something other
-than a list, that registers a name already taken, or whose class breaks the interface is reported
--- as a :class:`PluginFailure` naming the plugin, its distribution and version and what failed,
-and as a :class:`PluginWarning` -- and that plugin (or that one entry) is left out; the rest keep
-working. ``TENSADAPT_DISABLE_PLUGINS=name,...`` and ``tensadapt --disable-plugin NAME`` leave
-plugins out by entry-point or distribution name.
+Plugins are guests. A plugin that cannot be imported (whatever it raises -- ``SystemExit``
+included, ``KeyboardInterrupt`` aside), whose hook raises or returns something other than a list,
+that implements a hook tensadapt does not have (pluggy's ``check_pending``), registers a name
+already taken, or whose class breaks the interface is reported -- as a :class:`PluginFailure`
+naming the plugin, its distribution and version and what failed, and as a :class:`PluginWarning`
+-- and that plugin (or that one entry) is left out; the rest keep working. What a plugin prints
+while it is imported or its hooks run goes to stderr, never into a command's output. An import
+slower than :data:`SLOW_IMPORT_SECONDS` is reported with its time. A plugin factorization's
+methods, called later by the spec and the planner, turn any exception into a
+:class:`~tensadapt.errors.PluginError` naming the plugin.
+``TENSADAPT_DISABLE_PLUGINS=name,...`` and ``tensadapt --disable-plugin NAME`` block plugins by
+entry-point or distribution name (pluggy's ``set_blocked``); a blocked plugin is not imported.
 
 Example::
 
@@ -21,21 +29,29 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import os
 import re
+import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, cast
 
 import pluggy
 
-from . import hookspecs
-from .errors import RegistryError, first_line
+from . import _builtin_plugin, hookspecs
+from .errors import RegistryError, describe
 from .hookspecs import HOOKS, PROJECT, hookimpl
-from .registry import Entry, Registry
+from .plugin_checks import (
+    as_guest,
+    as_initializer,
+    factorization_problems,
+    family_problems,
+    guard,
+    network_problems,
+)
+from .registry import Initializer, Registry
 
 if TYPE_CHECKING:
     from .arch.families import Family
@@ -45,12 +61,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = PROJECT
 #: Environment variable: comma-separated plugin (entry-point) or distribution names to leave out.
 DISABLE_ENV = "TENSADAPT_DISABLE_PLUGINS"
-#: Modules of tensadapt itself registered as plugins, in order. An absent module is skipped
-#: (``tensadapt.init`` registers the initialisers once it exists).
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("tensadapt", "tensadapt._builtin_plugin"),
-    ("tensadapt.init", "tensadapt.init"),
-)
+#: A plugin whose import takes longer than this (seconds) is reported: every command waits for it.
+SLOW_IMPORT_SECONDS = 1.0
 
 Kind = Literal["factorization", "architecture", "initializer"]
 #: The registry kinds, in the order ``tensadapt plugins`` lists them, with the hook filling each.
@@ -59,31 +71,45 @@ KINDS: tuple[tuple[Kind, str], ...] = (
     ("architecture", "tensadapt_register_architectures"),
     ("initializer", "tensadapt_register_initializers"),
 )
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+T = TypeVar("T")
 
 __all__ = [
     "DISABLE_ENV",
     "ENTRY_POINT_GROUP",
     "PluginFailure",
     "PluginInfo",
+    "PluginRegistry",
     "PluginWarning",
     "architecture_registry",
+    "current",
     "disable",
     "factorization_problems",
     "factorization_registry",
     "families",
+    "family_for",
     "failures",
     "hookimpl",
     "initializer_registry",
+    "network_problems",
     "plugin_manager",
     "plugins",
+    "report",
     "reset",
     "rows",
 ]
 
 
+class Report(TypedDict):
+    """What ``tensadapt plugins --json`` prints."""
+
+    entries: list[dict[str, str]]
+    plugins: list[dict[str, object]]
+    failures: list[dict[str, str]]
+    slow: list[dict[str, str]]
+
+
 class PluginWarning(UserWarning):
-    """A plugin (or one of its entries) was left out; the message says which and why."""
+    """A plugin (or one of its entries) was left out, or is slow; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +133,7 @@ class PluginFailure:
 
     def __str__(self) -> str:
         left = f"{self.entry} left out" if self.entry else "left out"
-        return (
-            f"plugin {self.plugin!r} ({self.distribution} {self.version}".rstrip()
-            + f"): {left}: {self.what}"
-        )
+        return f"{_label(self.plugin, self.distribution, self.version)}: {left}: {self.what}"
 
 
 @dataclass(frozen=True)
@@ -118,10 +141,11 @@ class PluginInfo:
     """One plugin tensadapt knows of: where it comes from and whether it is in use.
 
     Attributes:
-        name: entry-point name (``tensadapt`` / the module name for built-ins).
+        name: entry-point name (``tensadapt`` for the built-ins).
         distribution, version: the providing distribution.
         value: what the entry point points at (``module`` or ``module:attr``).
         status: ``loaded``, ``disabled`` or ``failed``.
+        seconds: how long importing it took (0 when it was not imported).
     """
 
     name: str
@@ -129,247 +153,279 @@ class PluginInfo:
     version: str
     value: str
     status: Literal["loaded", "disabled", "failed"]
+    seconds: float = 0.0
 
 
-@dataclass
-class _State:
-    """Everything one load produced."""
-
-    manager: pluggy.PluginManager
-    registries: dict[str, Registry[Any]]
-    plugins: list[PluginInfo] = field(default_factory=list)
-    failures: list[PluginFailure] = field(default_factory=list)
-
-
-_state: _State | None = None
-_disabled: set[str] = set()
-
-
-# -- public API ------------------------------------------------------------------------------------
-def factorization_registry() -> Registry[Factorization]:
-    """Factorizations by name (one instance each): the built-ins and every plugin's."""
-    return _get().registries["factorization"]
-
-
-def architecture_registry() -> Registry[Family]:
-    """Model families by name: the built-in table and every plugin's."""
-    return _get().registries["architecture"]
-
-
-def initializer_registry() -> Registry[Callable[..., Any]]:
-    """Initialisers (callables) by name: :mod:`tensadapt.init`'s and every plugin's."""
-    return _get().registries["initializer"]
-
-
-def families() -> tuple[Family, ...]:
-    """Every registered family, built-ins first (what :func:`tensadapt.arch.from_config` uses)."""
-    return tuple(e.obj for e in architecture_registry())
-
-
-def failures() -> list[PluginFailure]:
-    """Every problem met while loading plugins (empty when all is well)."""
-    return list(_get().failures)
-
-
-def plugins() -> list[PluginInfo]:
-    """Every plugin seen: built-ins, loaded, disabled and failed ones."""
-    return list(_get().plugins)
-
-
-def plugin_manager() -> pluggy.PluginManager:
-    """The pluggy manager holding every loaded plugin."""
-    return _get().manager
-
-
-def disabled_names() -> set[str]:
-    """Plugin or distribution names left out: ``$TENSADAPT_DISABLE_PLUGINS`` plus :func:`disable`."""
-    env = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
-    return {_norm(n) for n in env | _disabled}
-
-
-def disable(names: Iterable[str]) -> None:
-    """Leave these plugins (entry-point or distribution names) out from the next load on."""
-    _disabled.update(names)
-    reset()
-
-
-def reset(disabled: Iterable[str] | None = None) -> None:
-    """Forget the loaded plugins; the next registry lookup loads them again.
-
-    Args:
-        disabled: when given, replaces the names :func:`disable` collected (``()`` re-enables
-            all but those in ``$TENSADAPT_DISABLE_PLUGINS``).
-    """
-    global _state
-    if disabled is not None:
-        _disabled.clear()
-        _disabled.update(disabled)
-    _state = None
-
-
-def rows() -> list[dict[str, str]]:
-    """One row per registered entry: kind, name, distribution, version, description."""
-    st = _get()
-    out = []
-    for kind, _ in KINDS:
-        for e in st.registries[kind]:
-            out.append(
-                {
-                    "kind": kind,
-                    "name": e.name,
-                    "distribution": e.source,
-                    "version": e.version,
-                    "description": e.description,
-                    "plugin": e.plugin,
-                }
-            )
-    return out
-
-
-def report() -> dict[str, Any]:
-    """What ``tensadapt plugins --json`` prints: entries, plugins and failures."""
-    st = _get()
-    return {
-        "entries": rows(),
-        "plugins": [asdict(p) for p in st.plugins],
-        "failures": [{**asdict(f), "message": str(f)} for f in st.failures],
-    }
-
-
-# -- checks on what plugins return -----------------------------------------------------------------
-def factorization_problems(cls: Any) -> list[str]:
-    """What is wrong with ``cls`` as a factorization class (empty when it conforms).
-
-    Checks the interface (a :class:`~tensadapt.factorizations.base.Factorization` subclass with a
-    name, ``network``, ``rank_keys``, ``check``, a pydantic ``options_model``, ``inits``,
-    ``description``, constructible without arguments), then builds the network of a tiny
-    ``in=16, out=8`` tensor at rank 2 (when ``check`` accepts it) and checks its legs and shapes.
-    """
-    from pydantic import BaseModel
-
-    from .factorizations.base import Axis, Factorization, Network, reconstruct
-
-    if not isinstance(cls, type):
-        return [f"expected a class, got {type(cls).__name__} {cls!r}"]
-    label = cls.__qualname__
-    required = ("network", "rank_keys", "check", "parse_options", "n_params")
-    missing = [m for m in required if not callable(getattr(cls, m, None))]
-    if missing:
-        return [f"class {label} is missing method(s) {', '.join(missing)}"]
-    if not issubclass(cls, Factorization):
-        return [f"class {label} is not a subclass of tensadapt.factorizations.Factorization"]
-    if cls.network is Factorization.network:
-        return [f"class {label} does not implement network(axes, rank, options)"]
-    problems = []
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        problems.append(f"class {label} has no valid 'name' (got {name!r})")
-    om = getattr(cls, "options_model", None)
-    if not (isinstance(om, type) and issubclass(om, BaseModel)):
-        problems.append(f"class {label}: options_model must be a pydantic model class, got {om!r}")
-    inits = getattr(cls, "inits", None)
-    if not isinstance(inits, tuple | list) or not all(isinstance(i, str) for i in inits):
-        problems.append(f"class {label}: inits must be a tuple of names, got {inits!r}")
-    if not isinstance(getattr(cls, "description", None), str):
-        problems.append(f"class {label}: description must be a string")
-    if problems:
-        return problems
-    try:
-        inst = cls()
-    except Exception as exc:
-        return [f"class {label} cannot be constructed without arguments: {_exc(exc)}"]
-    axes = (Axis("in", 16), Axis("out", 8))
-    try:
-        options = inst.options_model()
-        if inst.check(axes, 2, options):
-            return []
-        net = inst.network(axes, 2, options)
-    except Exception as exc:
-        return [f"class {label}: network() on a 16x8 tensor at rank 2 raised {_exc(exc)}"]
-    if not isinstance(net, Network):
-        return [f"class {label}: network() returned {type(net).__name__}, expected a Network"]
-    if {a for a, _ in net.axis_legs} != {"in", "out"}:
-        return [f"class {label}: network() axes {[a for a, _ in net.axis_legs]} != ['in', 'out']"]
-    if net.zero_factor not in {f.name for f in net.factors}:
-        return [f"class {label}: zero_factor {net.zero_factor!r} is not one of its factors"]
-    try:
-        import torch
-
-        full = reconstruct(net, {f.name: torch.ones(f.shape) for f in net.factors})
-    except Exception as exc:
-        return [f"class {label}: its network does not contract: {_exc(exc)}"]
-    if tuple(full.shape) != (16, 8):
-        return [f"class {label}: reconstruction has shape {tuple(full.shape)}, expected (16, 8)"]
-    return []
-
-
-def _family_problems(obj: Any, reg: Registry[Family]) -> tuple[str, list[str]]:
-    from .arch.base import PROJECTIONS
-    from .arch.families import Family
-
-    if not isinstance(obj, Family):
-        return repr(obj), [f"expected a tensadapt.arch.Family, got {type(obj).__name__}"]
-    problems = []
-    if not obj.model_types:
-        problems.append("covers no model_type")
-    if not obj.layouts:
-        problems.append("has no layout")
-    for layout in obj.layouts:
-        bad = [p for p in layout.paths if p not in PROJECTIONS]
-        if bad:
-            problems.append(f"layout names unknown projection(s) {bad}; valid: {PROJECTIONS}")
-    for other in reg:
-        taken = sorted(set(obj.model_types) & set(other.obj.model_types))
-        if taken and other.name != obj.name:
-            problems.append(
-                f"model_type(s) {taken} already covered by family {other.name!r} "
-                f"({other.source} {other.version})".replace(" )", ")")
-            )
-    return obj.name, problems
-
-
-def _initializer_name(obj: Any) -> tuple[str, list[str]]:
-    if not callable(obj):
-        return repr(obj), [f"expected a callable, got {type(obj).__name__}"]
-    name = getattr(obj, "name", None) or getattr(obj, "__name__", None)
-    if not isinstance(name, str) or not _NAME.match(name):
-        return repr(obj), [f"has no valid name (got {name!r})"]
-    return name, []
-
-
-# -- loading ---------------------------------------------------------------------------------------
 @dataclass
 class _Source:
+    """A plugin being added: who it is and the object pluggy registered."""
+
     name: str
     distribution: str
     version: str
     value: str
-    obj: Any = None
+    obj: object = None
+    seconds: float = 0.0
+    items: dict[Kind, list[object]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return _label(self.name, self.distribution, self.version)
 
 
-def _get() -> _State:
-    global _state
-    if _state is None:
-        _state = _load()
-    return _state
+class PluginRegistry:
+    """The one registry: pluggy's manager, the name tables it fills, and what went wrong.
+
+    Args:
+        disabled: plugin (entry-point) or distribution names to leave out, besides those in
+            ``$TENSADAPT_DISABLE_PLUGINS``.
+
+    Attributes:
+        manager: the ``pluggy.PluginManager`` (project and entry-point group ``tensadapt``).
+        factorizations, architectures, initializers: the name tables; the built-ins are there
+            from the start, the plugins are loaded by the first lookup that misses.
+        infos: every plugin seen (loaded, disabled or failed), built-ins first.
+        failures: every problem met while loading.
+        slow: one line per plugin whose import took longer than :data:`SLOW_IMPORT_SECONDS`.
+    """
+
+    def __init__(self, disabled: Iterable[str] = ()) -> None:
+        env = os.environ.get(DISABLE_ENV, "").split(",")
+        self.disabled = frozenset(_norm(n) for n in [*env, *disabled] if n.strip())
+        self.manager = pluggy.PluginManager(PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        self.factorizations: Registry[Factorization] = Registry("factorization", self.load_plugins)
+        self.architectures: Registry[Family] = Registry("architecture", self.load_plugins)
+        self.initializers: Registry[Initializer] = Registry("initializer", self.load_plugins)
+        self.infos: list[PluginInfo] = []
+        self.failures: list[PluginFailure] = []
+        self.slow: list[str] = []
+        self._plugins_loaded = False
+        builtin = _Source(PROJECT, PROJECT, _own_version(), _builtin_plugin.__name__)
+        self.manager.register(_builtin_plugin, name=PROJECT)
+        builtin.obj = _builtin_plugin
+        self._add(builtin)
+
+    def registry(
+        self, kind: Kind
+    ) -> Registry[Factorization] | Registry[Family] | Registry[Initializer]:
+        """The name table of ``kind``."""
+        if kind == "factorization":
+            return self.factorizations
+        return self.architectures if kind == "architecture" else self.initializers
+
+    def family_for(self, model_type: str) -> Family | None:
+        """The family covering ``model_type``: built-ins first, then (loading them) plugins'."""
+        for attempt in range(2):
+            for entry in self.architectures.loaded():
+                if model_type in entry.obj.model_types:
+                    return entry.obj
+            if attempt == 0 and not self._plugins_loaded:
+                self.load_plugins()
+        return None
+
+    # -- loading ------------------------------------------------------------------------------
+    def load_plugins(self) -> None:
+        """Import and register every installed plugin not disabled (once; later calls return)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for src, duplicates in _entry_points():
+            if _norm(src.name) in self.disabled or _norm(src.distribution) in self.disabled:
+                self.manager.set_blocked(src.name)
+                self.infos.append(PluginInfo(*_ident(src), "disabled"))
+                continue
+            for dup in duplicates:
+                self._fail(
+                    dup, f"another distribution ({src.distribution}) has a plugin {src.name!r}"
+                )
+            if self.manager.has_plugin(src.name):
+                self._fail(src, "another plugin of the same name is already registered")
+                continue
+            start = time.perf_counter()
+            try:
+                with as_guest():
+                    self.manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=src.name)
+            except BaseException as exc:  # a guest's SystemExit must not end the command
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._unregister(src)
+                what = "hook validation failed" if _is_validation(exc) else "import failed"
+                self._fail(src, f"{what}: {describe(exc)}")
+                continue
+            src.seconds = time.perf_counter() - start
+            src.obj = self.manager.get_plugin(src.name)
+            self._set_distribution(src)
+            if src.seconds > SLOW_IMPORT_SECONDS:
+                note = (
+                    f"{src.label}: import took {src.seconds:.2f} s; every command waits for it "
+                    f"(leave it out with --disable-plugin {src.name})"
+                )
+                self.slow.append(note)
+                warnings.warn(note, PluginWarning, stacklevel=4)
+            self._add(src)
+
+    def _add(self, src: _Source) -> None:
+        """Check the registered plugin's hooks, call each, then register its entries."""
+        try:
+            self.manager.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = sorted(
+                name
+                for name in vars(self.manager.hook)
+                if not name.startswith("_")
+                and not getattr(self.manager.hook, name).has_spec()
+                and any(
+                    i.plugin is src.obj for i in getattr(self.manager.hook, name).get_hookimpls()
+                )
+            )
+            self._unregister(src)
+            self._fail(src, f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
+            return
+        for kind, hook in KINDS:
+            items = self._call(src, hook)
+            if items is None:
+                self._unregister(src)
+                return
+            src.items[kind] = items
+        for kind, _ in KINDS:
+            for item in src.items[kind]:
+                self._register(kind, item, src)
+        self.infos.append(PluginInfo(*_ident(src), "loaded", round(src.seconds, 3)))
+
+    def _call(self, src: _Source, hook: str) -> list[object] | None:
+        """The list ``src``'s implementation of ``hook`` returns (``[]`` when it has none), or
+        ``None`` after reporting a failure. Only that plugin's implementation is called."""
+        others = [p for p in self.manager.get_plugins() if p is not src.obj]
+        caller = self.manager.subset_hook_caller(hook, remove_plugins=others)
+        if not caller.get_hookimpls():
+            return []
+        try:
+            with as_guest():
+                results = caller()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self._fail(src, f"{hook}() raised {describe(exc)}")
+            return None
+        items = results[0] if results else None
+        if not isinstance(items, list | tuple):
+            self._fail(src, f"{hook}() returned {type(items).__name__}, expected a list")
+            return None
+        return list(items)
+
+    def _register(self, kind: Kind, item: object, src: _Source) -> None:
+        """Check one item a hook returned and register it, or report it and leave it out."""
+        if kind == "factorization":
+            label = str(getattr(item, "name", None) or getattr(item, "__name__", repr(item)))
+            problems = factorization_problems(item)
+            if problems or not isinstance(item, type):
+                self._fail(src, "; ".join(problems), f"factorization {label!r}")
+                return
+            inst: Factorization = item()
+            if src.name != PROJECT:
+                guard(inst, f"{src.label}: factorization {label!r}")
+            self._put(self.factorizations, kind, label, inst, inst.description, src)
+        elif kind == "architecture":
+            label, problems = family_problems(item, self.architectures.loaded())
+            if problems:
+                self._fail(src, "; ".join(problems), f"architecture {label!r}")
+                return
+            family = cast("Family", item)
+            types = ", ".join(family.model_types)
+            self._put(self.architectures, kind, label, family, f"model_type {types}", src)
+        else:
+            label, ini, problems = as_initializer(item)
+            if ini is None:
+                self._fail(src, "; ".join(problems), f"initializer {label!r}")
+                return
+            self._put(self.initializers, kind, label, ini, _init_description(ini), src)
+
+    def _put(
+        self, table: Registry[T], kind: Kind, name: str, obj: T, description: str, src: _Source
+    ) -> None:
+        try:
+            table.register(name, obj, src.distribution, src.version, description, src.name)
+        except RegistryError:
+            prev = table.entry(name)
+            who = _label(prev.plugin, prev.source, prev.version)
+            self._fail(src, f"name already registered by {who}", f"{kind} {name!r}")
+
+    def _fail(self, src: _Source, what: str, entry: str = "") -> None:
+        failure = PluginFailure(src.name, src.distribution, src.version, what, entry)
+        self.failures.append(failure)
+        if not entry and all(p.name != src.name for p in self.infos):
+            self.infos.append(PluginInfo(*_ident(src), "failed", round(src.seconds, 3)))
+        warnings.warn(str(failure), PluginWarning, stacklevel=4)
+
+    def _unregister(self, src: _Source) -> None:
+        if self.manager.has_plugin(src.name):
+            self.manager.unregister(name=src.name)
+
+    def _set_distribution(self, src: _Source) -> None:
+        """Name and version of the distribution pluggy loaded ``src`` from."""
+        for plugin, dist in self.manager.list_plugin_distributions():
+            if plugin is src.obj:
+                src.distribution, src.version = _dist_name_version(dist)
+
+    # -- views --------------------------------------------------------------------------------
+    def rows(self) -> list[dict[str, str]]:
+        """One row per registered entry: kind, name, distribution, version, description, plugin."""
+        return [{"kind": kind, **row} for kind, _ in KINDS for row in self.registry(kind).rows()]
+
+    def report(self) -> Report:
+        """What ``tensadapt plugins --json`` prints: entries, plugins, failures, slow imports."""
+        self.load_plugins()
+        return {
+            "entries": self.rows(),
+            "plugins": [asdict(p) for p in self.infos],
+            "failures": [{**asdict(f), "message": str(f)} for f in self.failures],
+            "slow": [{"message": s} for s in self.slow],
+        }
 
 
-def _entry_points() -> list[Any]:
-    """The ``tensadapt`` entry points installed, by name (duplicates of one path dropped)."""
-    seen: dict[tuple[str, str], Any] = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        seen.setdefault((ep.name, ep.value), ep)
-    return sorted(seen.values(), key=lambda ep: ep.name)
+def _entry_points() -> list[tuple[_Source, list[_Source]]]:
+    """Installed ``tensadapt`` entry points by name: one source each, with any other
+    distribution declaring the same name (left out, reported). The same distribution seen twice
+    on ``sys.path`` counts once."""
+    by_name: dict[str, list[_Source]] = {}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            src = _Source(str(ep.name), *_dist_name_version(dist), str(ep.value))
+            same = by_name.setdefault(src.name, [])
+            if all(_ident(s) != _ident(src) for s in same):
+                same.append(src)
+    return [(srcs[0], srcs[1:]) for _, srcs in sorted(by_name.items())]
 
 
-def _dist_of(ep: Any) -> tuple[str, str]:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return "?", ""
+def _dist_name_version(dist: object) -> tuple[str, str]:
     try:
-        return str(dist.metadata["Name"] or dist.name), str(dist.version or "")
+        meta = getattr(dist, "metadata", {})
+        return str(meta["Name"] or getattr(dist, "name", "?")), str(getattr(dist, "version", ""))
     except Exception:  # a broken METADATA file must not stop the others
         return str(getattr(dist, "name", "?")), ""
+
+
+def _ident(src: _Source) -> tuple[str, str, str, str]:
+    return (src.name, src.distribution, src.version, src.value)
+
+
+def _is_validation(exc: BaseException) -> bool:
+    return isinstance(exc, pluggy.PluginValidationError)
+
+
+def _init_description(ini: Initializer) -> str:
+    """The initialiser's line in ``tensadapt plugins``: what it is, for which formats, and
+    whether it starts from the pretrained weights."""
+    formats = ", ".join(ini.factorizations) if ini.factorizations is not None else "every format"
+    start = "pretrained, needs a residual" if ini.pretrained else "no residual"
+    return f"{ini.description} [{formats}; {start}]".strip()
+
+
+def _label(plugin: str, distribution: str, version: str) -> str:
+    return f"plugin {plugin!r} ({distribution} {version}".rstrip() + ")"
 
 
 def _own_version() -> str:
@@ -379,149 +435,102 @@ def _own_version() -> str:
         return ""
 
 
-def _load() -> _State:
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(hookspecs)
-    st = _State(
-        manager=pm,
-        registries={kind: Registry(kind) for kind, _ in KINDS},
-    )
-    version = _own_version()
-    sources: list[_Source] = []
-    for plugin_name, mod in BUILTIN_PLUGINS:
-        src = _Source(plugin_name, PROJECT, version, mod)
-        try:
-            src.obj = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:  # optional built-in module not there (yet)
-                continue
-            _fail(st, src, f"import failed: {_exc(exc)}")
-            continue
-        except Exception as exc:
-            _fail(st, src, f"import failed: {_exc(exc)}")
-            continue
-        sources.append(src)
-
-    off = disabled_names()
-    for ep in _entry_points():
-        dist, ver = _dist_of(ep)
-        src = _Source(str(ep.name), dist, ver, str(ep.value))
-        if _norm(src.name) in off or _norm(dist) in off:
-            st.plugins.append(PluginInfo(src.name, dist, ver, src.value, "disabled"))
-            continue
-        try:
-            src.obj = ep.load()
-        except BaseException as exc:  # SystemExit from a plugin's import must not kill us
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            _fail(st, src, f"import failed: {_exc(exc)}")
-            continue
-        sources.append(src)
-
-    registered: list[_Source] = []
-    for src in sources:
-        if pm.is_registered(src.obj) or pm.has_plugin(src.name):
-            _fail(st, src, "another plugin of the same name or object is already registered")
-            continue
-        unknown = sorted(
-            n
-            for n in dir(src.obj)
-            if n.startswith(f"{PROJECT}_") and n not in HOOKS and callable(getattr(src.obj, n))
-        )
-        if unknown:
-            _fail(st, src, f"unknown hook(s) {unknown}; valid hooks: {', '.join(HOOKS)}")
-            continue
-        try:
-            pm.register(src.obj, name=src.name)
-        except Exception as exc:
-            _fail(st, src, f"hook validation failed: {_exc(exc)}")
-            continue
-        registered.append(src)
-
-    for kind, hook in KINDS:
-        caller = getattr(pm.hook, hook)
-        impls = {impl.plugin_name: impl for impl in caller.get_hookimpls()}
-        for src in registered:
-            impl = impls.get(src.name)
-            if impl is None:
-                continue
-            try:
-                items = impl.function()
-            except Exception as exc:
-                _fail(st, src, f"{hook}() raised {_exc(exc)}")
-                continue
-            if not isinstance(items, list | tuple):
-                _fail(st, src, f"{hook}() returned {type(items).__name__}, expected a list")
-                continue
-            for item in items:
-                _register(st, kind, item, src)
-
-    seen = {p.name for p in st.plugins}
-    for src in registered:
-        if src.name not in seen:
-            st.plugins.append(
-                PluginInfo(src.name, src.distribution, src.version, src.value, "loaded")
-            )
-    return st
-
-
-def _register(st: _State, kind: Kind, item: Any, src: _Source) -> None:
-    reg = st.registries[kind]
-    description = ""
-    if kind == "factorization":
-        label = str(getattr(item, "name", None) or getattr(item, "__name__", repr(item)))
-        problems = factorization_problems(item)
-        obj: Any = None if problems else item()
-        description = str(getattr(item, "description", "") or "")
-    elif kind == "architecture":
-        label, problems = _family_problems(item, reg)
-        obj = item
-        description = "model_type " + ", ".join(map(str, getattr(item, "model_types", ())))
-    else:
-        label, problems = _initializer_name(item)
-        obj = item
-        doc = getattr(item, "__doc__", None)
-        description = str(getattr(item, "description", "") or _first_line(doc))
-    entry = f"{kind} {label!r}"
-    if problems:
-        _fail(st, src, "; ".join(problems), entry)
-        return
-    try:
-        reg.register(label, obj, src.distribution, src.version, description, src.name)
-    except RegistryError as exc:
-        prev: Entry[Any] = reg.entry(label)
-        _fail(
-            st,
-            src,
-            f"name already registered by plugin {prev.plugin!r} "
-            f"({prev.source} {prev.version})".replace(" )", ")"),
-            entry,
-        )
-        del exc
-
-
-def _fail(st: _State, src: _Source, what: str, entry: str = "") -> None:
-    failure = PluginFailure(src.name, src.distribution, src.version, what, entry)
-    st.failures.append(failure)
-    if not entry and all(p.name != src.name for p in st.plugins):
-        st.plugins.append(PluginInfo(src.name, src.distribution, src.version, src.value, "failed"))
-    warnings.warn(str(failure), PluginWarning, stacklevel=3)
-
-
-def _exc(exc: BaseException) -> str:
-    text = first_line(exc, 300)
-    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
-
-
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
-
-
 def _norm(name: str) -> str:
-    """Distribution-style normalisation: case and ``-``/``_``/``.`` do not matter."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+    """Distribution-style normalisation: case, spaces and ``-``/``_``/``.`` do not matter."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+# -- the process-wide registry ---------------------------------------------------------------------
+_current: PluginRegistry | None = None
+
+
+def current() -> PluginRegistry:
+    """The process-wide :class:`PluginRegistry` (made on first use)."""
+    global _current
+    if _current is None:
+        _current = PluginRegistry()
+    return _current
+
+
+def reset(disabled: Iterable[str] | None = None) -> None:
+    """Forget the registry; the next use builds a new one (and loads the plugins again).
+
+    Args:
+        disabled: names to leave out from now on; ``None`` keeps those :func:`disable` gave,
+            ``()`` re-enables all but those in ``$TENSADAPT_DISABLE_PLUGINS``.
+    """
+    global _current
+    keep = _extra_disabled() if disabled is None else frozenset(disabled)
+    _current = PluginRegistry(keep) if keep else None
+
+
+def disable(names: Iterable[str]) -> None:
+    """Leave these plugins (entry-point or distribution names) out from now on."""
+    reset(disabled=[*_extra_disabled(), *names])
+
+
+def _extra_disabled() -> frozenset[str]:
+    env = {_norm(n) for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    return frozenset() if _current is None else _current.disabled - env
+
+
+def factorization_registry() -> Registry[Factorization]:
+    """Factorizations by name (one instance each): the built-ins and every plugin's."""
+    return current().factorizations
+
+
+def architecture_registry() -> Registry[Family]:
+    """Model families by name: the built-in table and every plugin's."""
+    return current().architectures
+
+
+def initializer_registry() -> Registry[Initializer]:
+    """Initialisers by name (:class:`~tensadapt.registry.Initializer`): built-ins and plugins'."""
+    return current().initializers
+
+
+def family_for(model_type: str) -> Family | None:
+    """The registered family covering ``model_type`` (plugins are loaded only if no built-in
+    family covers it), or ``None``."""
+    return current().family_for(model_type)
+
+
+def families() -> tuple[Family, ...]:
+    """Every registered family, built-ins first."""
+    return tuple(e.obj for e in architecture_registry())
+
+
+def failures() -> list[PluginFailure]:
+    """Every problem met while loading plugins (empty when all is well)."""
+    reg = current()
+    reg.load_plugins()
+    return list(reg.failures)
+
+
+def plugins() -> list[PluginInfo]:
+    """Every plugin seen: built-ins, loaded, disabled and failed ones."""
+    reg = current()
+    reg.load_plugins()
+    return list(reg.infos)
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The pluggy manager holding every loaded plugin."""
+    reg = current()
+    reg.load_plugins()
+    return reg.manager
+
+
+def rows() -> list[dict[str, str]]:
+    """One row per registered entry: kind, name, distribution, version, description, plugin."""
+    return current().rows()
+
+
+def report() -> Report:
+    """What ``tensadapt plugins --json`` prints: entries, plugins, failures and slow imports."""
+    return current().report()
 
 
 def names(kind: Kind) -> Sequence[str]:
     """Registered names of one kind (``factorization``, ``architecture``, ``initializer``)."""
-    return _get().registries[kind].names()
+    return current().registry(kind).names()

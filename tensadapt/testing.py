@@ -8,10 +8,16 @@ A plugin author calls :func:`check_factorization` from their own tests::
     def test_conformance():
         check_factorization(TensorRing)
 
-It plans, injects and trains the format on tiny random models built from configs (a LLaMA with
-grouped-query attention and MLP targets, and a GPT-2 whose fused ``c_attn`` holds q, k and v),
-for several stacking-mode subsets, and checks:
+It first probes the format's networks on many random tensor shapes and ranks (hypothesis), then
+plans, injects and trains it on tiny random models built from configs (a LLaMA with grouped-query
+attention and MLP targets, and a GPT-2 whose fused ``c_attn`` holds q, k and v), for several
+stacking-mode subsets, and checks:
 
+0. **shapes**: for random axes (any modes, widths, head counts, stacks) and ranks (integers and
+   mappings) that ``check()`` accepts, ``network()`` builds a network whose axes, legs and factor
+   shapes agree (:func:`tensadapt.plugin_checks.network_problems`), whose default init
+   reconstructs to exactly 0, and whose random factors reconstruct to the tensor's shape -- so a
+   format right on the models' one width and wrong on others fails here, not at forward time;
 1. **count**: the plan's parameter count equals the adapter's real parameters, factor by factor;
 2. **zero-update init**: the default init reconstructs to exactly 0 and the model's output is
    exactly the base model's;
@@ -34,12 +40,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .factorizations.base import Axis, Factorization, reconstruct
+from .factorizations.base import Axis, Factorization, default_init, reconstruct
 from .modes import MODES, tensor_axes
+from .plugin_checks import factorization_problems, network_problems
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
     from torch import nn
 
     from .planner import TargetPlan, TensorPlan
@@ -49,6 +58,7 @@ __all__ = [
     "MODE_CASES",
     "check_factorization",
     "ranks",
+    "single_thread",
     "specs",
     "synthetic_model",
     "tensor_shapes",
@@ -128,7 +138,7 @@ def tensor_shapes(
     )
 
 
-def ranks(keys: Sequence[str] = (), max_rank: int = 4) -> st.SearchStrategy[Any]:
+def ranks(keys: Sequence[str] = (), max_rank: int = 4) -> st.SearchStrategy[int | dict[str, int]]:
     """Ranks a spec may give: an int in ``1..max_rank``, or (when ``keys`` is not empty, e.g.
     ``factorization.rank_keys(axis_names)``) a mapping over some of the keys plus ``default``."""
     ints = st.integers(1, max_rank)
@@ -186,12 +196,15 @@ def synthetic_model(kind: str = "llama", seed: int = 0) -> nn.Module:
 def check_factorization(
     cls: type[Factorization] | Factorization,
     *,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, object] | None = None,
     rank: int = 2,
     models: Sequence[str] = ("llama", "gpt2"),
     modes: Sequence[Sequence[str]] = MODE_CASES,
+    shapes: int = 60,
 ) -> None:
     """Run every conformance check on ``cls`` (see the module docstring).
+
+    Not from inside a hypothesis test: the shape probe is one (hypothesis does not nest).
 
     Args:
         cls: the factorization class (or an instance). If its name is not registered (the plugin
@@ -200,24 +213,26 @@ def check_factorization(
         rank: the rank used (an int; a mapping case is added when the format takes one).
         models: which synthetic models: ``llama`` (GQA, MLP targets) and/or ``gpt2`` (fused).
         modes: the stacking-mode subsets to check.
+        shapes: how many random shapes and ranks the shape probe tries (0: none).
 
     Raises:
         ConformanceError: a check failed; the message says which, on which model and modes.
     """
-    from .plugins import factorization_problems
     from .spec import axis_names
 
     klass = cls if isinstance(cls, type) else type(cls)
     problems = factorization_problems(klass)
     if problems:
         raise ConformanceError(f"{klass.__qualname__}: interface: " + "; ".join(problems))
-    with _registered(klass) as name, _one_thread():
+    with _registered(klass) as name, single_thread():
         fact = klass()
+        if shapes:
+            _probe_shapes(fact, fact.parse_options(options), name, shapes)
         for kind in models:
             _, targets = _MODELS[kind]
             for i, ms in enumerate(modes):
                 keys = fact.rank_keys(axis_names(ms))
-                r: Any = rank
+                r: int | dict[str, int] = rank
                 if keys and i % 2 == 1:  # per-key ranks on every other case
                     # "default" covers MLP tensors, which keep ``out`` when heads are split
                     r = {**{k: rank + (j % 2) for j, k in enumerate(keys)}, "default": rank}
@@ -232,9 +247,42 @@ def check_factorization(
                 _check_case(fact, spec, kind, f"{name} on {kind}, modes {list(ms)}, rank {r}")
 
 
+def _probe_shapes(fact: Factorization, options: BaseModel, name: str, examples: int) -> None:
+    """Check 0 (module docstring) on ``examples`` random shapes and ranks; the first failure,
+    shrunk by hypothesis to a small case, is raised as a :class:`ConformanceError`."""
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,  # a library check: nothing written into the caller's project
+        derandomize=True,  # the same cases on every run
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(axes=tensor_shapes(max_width=24, max_heads=5, max_stack=5), data=st.data())
+    def probe(axes: tuple[Axis, ...], data: st.DataObject) -> None:
+        rank = data.draw(ranks(fact.rank_keys([a.name for a in axes]), max_rank=5), label="rank")
+        if fact.check(axes, rank, options):
+            return  # the format refuses these sizes itself, with a message
+        case = f"{name} on axes {', '.join(f'{a.name}={a.size}' for a in axes)} at rank {rank}"
+        net = fact.network(axes, rank, options)
+        problems = network_problems(net, axes)
+        if problems:
+            raise _fail(case, "shapes", "; ".join(problems))
+        gen = torch.Generator().manual_seed(0)
+        if reconstruct(net, default_init(net, generator=gen)).abs().max().item() != 0.0:
+            raise _fail(case, "shapes", "the default init does not reconstruct to 0")
+        noise = {f.name: torch.randn(f.shape, generator=gen) for f in net.factors}
+        got = tuple(reconstruct(net, noise).shape)
+        if got != tuple(a.size for a in axes):
+            raise _fail(case, "shapes", f"reconstruction has shape {got}")
+
+    probe()
+
+
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not fight a busy machine's other jobs)."""
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block: tiny models run fastest so (and do not fight
+    a busy machine's other jobs). Plugin test suites use it as a fixture."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -272,13 +320,13 @@ def _fail(case: str, check: str, msg: str) -> ConformanceError:
 
 def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    config: Any = model.config
-    vocab = int(config.vocab_size)
+    vocab = int(getattr(model.config, "vocab_size", 0))
     return {"input_ids": torch.randint(0, vocab, (2, 5), generator=g)}
 
 
 def _out(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(**inputs).last_hidden_state  # type: ignore[no-any-return]
+    hidden: torch.Tensor = model(**inputs).last_hidden_state
+    return hidden
 
 
 def _factor_dict(adapter: Any, tensor: str) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from tensadapt.errors import AdapterMismatchError, NonFiniteError, SpecError, Te
 from tensadapt.io import ADAPTER_FILE, CONFIG_FILE, sha256
 from tensadapt.model import get_adapter
 from tensadapt.numerics import FiniteCheckCallback, check_finite
+from tensadapt.spec import spec_to_yaml
 
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 SPEC = {
@@ -694,3 +697,284 @@ def test_fuzz_mutated_reference_specs(case: tuple[Path, dict[Any, Any]]) -> None
 
     with suppress(TensadaptError):
         ta.plan(ok, preset_config("tiny-bert"))
+
+
+# -- limits: an oversized spec is refused by name, before the work it would cause -----------------
+
+
+def _laughs(width: int = 9, levels: int = 9) -> str:
+    """The "billion laughs": each level an anchored list of ``width`` aliases of the one before."""
+    names = "abcdefghijklmnop"
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"{names[i]}: &{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def _block_nest(depth: int) -> str:
+    return (
+        "options:\n"
+        + "".join(f"{'  ' * (i + 1)}k{i}:\n" for i in range(depth))
+        + "  " * (depth + 1)
+        + "x: 1\n"
+    )
+
+
+LIMITS: list[tuple[str, str, str]] = [
+    ("billion-laughs", _laughs(), "holds more than 10,000 values"),
+    ("nested-600-flow", "rank: " + "[" * 600 + "]" * 600 + "\n", "nests deeper than 32 levels"),
+    ("nested-mappings", "options: " + "{a: " * 200 + "1" + "}" * 200 + "\n", "nests deeper"),
+    ("nested-block", _block_nest(100), "nests deeper than 32 levels"),
+    ("recursive-alias", "options: &a {a: *a}\n", "nests deeper than 32 levels"),
+    ("int-5000-digits", "rank: " + "9" * 5000 + "\n", "an integer of 5,000 digits is too large"),
+    ("int-19-digits", "rank: 1000000000000000000\n", "an integer of 19 digits is too large"),
+    ("int-tagged", "rank: !!int " + "1" * 50 + "\n", "an integer of 50 digits"),
+    ("int-in-options", "options: {n_cores: " + "7" * 40 + "}\n", "an integer of 40 digits"),
+    ("wide-list", "targets: [" + "q, " * 20000 + "q]\n", "holds more than 10,000 values"),
+    ("bad-timestamp", "name: 2001-13-45\n", "YAML value cannot be read: ValueError"),
+    ("python-tag", "name: !!python/object:os.system {}\n", "could not determine a constructor"),
+    ("undefined-alias", "rank: *nope\n", "found undefined alias"),
+    ("unhashable-key", "? [a, b]\n: 1\n", "found unhashable key"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [c[1:] for c in LIMITS], ids=[c[0] for c in LIMITS])
+def test_spec_limits(text: str, fragment: str, tmp_path: Path) -> None:
+    """Each breach is one named problem, from text and from a file, and `validate` exits 2."""
+    with pytest.raises(SpecError) as info:
+        ta.load_spec(text)
+    (problem,) = info.value.problems
+    assert problem.path == "" and fragment in problem.message, problem
+    f = tmp_path / "hostile.yaml"
+    f.write_text(text)
+    with pytest.raises(CliFailed, match=re.escape(fragment)):
+        cli("validate", str(f))
+
+
+def test_the_billion_laughs_is_tiny() -> None:
+    assert len(_laughs().encode()) < 600  # 9 levels of 9: 387,420,489 values once expanded
+
+
+def test_huge_files_and_texts_are_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as fh:
+        fh.write(b"rank: 8\n" + b"#" * (50 * 2**20))  # 50 MB of comment after a valid spec
+    with pytest.raises(SpecError, match=r"the spec is 52,428,808 bytes; the limit is 1,048,576"):
+        ta.load_spec(big)
+    with pytest.raises(CliFailed, match="the limit is 1,048,576"):
+        cli("validate", str(big))
+    with pytest.raises(SpecError, match=r"the spec is 2,097,160 characters; the limit"):
+        ta.load_spec("rank: 8\n" + "#" * 2**21)
+
+
+def test_a_fifo_is_not_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes: never opened
+    with pytest.raises(SpecError, match="is not a regular file"):
+        ta.load_spec(fifo)
+    with pytest.raises(CliFailed, match="is not a regular file"):
+        cli("validate", str(fifo))
+
+
+def test_json_spec_limits(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"options": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(SpecError, match="nests deeper than 32 levels"):
+        ta.load_spec(deep)
+    big_int = tmp_path / "int.json"
+    big_int.write_text('{"rank": ' + "9" * 5000 + "}")
+    with pytest.raises(SpecError, match="an integer of 5,000 digits is too large"):
+        ta.load_spec(big_int)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"rank": 4}).encode())
+    assert ta.load_spec(bom).rank == 4
+
+
+def _cyclic() -> dict[str, Any]:
+    inner: dict[str, Any] = {}
+    inner["a"] = inner
+    return {"options": inner}
+
+
+def _shared_bomb() -> dict[str, Any]:
+    x: Any = ["lol"] * 9
+    for _ in range(9):
+        x = [x] * 9
+    return {"options": {"a": x}}
+
+
+def _deep_dict(depth: int) -> dict[str, Any]:
+    d: dict[str, Any] = {"x": 1}
+    for _ in range(depth):
+        d = {"k": d}
+    return {"options": d}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"rank": 10**5000}, "an integer of 5,001 digits is too large"),
+        ({"rank": -(10**18)}, "an integer of 19 digits is too large"),
+        (_deep_dict(2000), "nests deeper than 32 levels"),
+        (_cyclic(), "nests deeper than 32 levels"),
+        (_shared_bomb(), "holds more than 10,000 values"),
+    ],
+    ids=["int-5001-digits", "int-negative", "deep", "cycle", "shared-references"],
+)
+def test_spec_limits_on_python_data(data: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        ta.load_spec(data)
+    (problem,) = info.value.problems
+    assert fragment in problem.message and info.value.source == "<dict>"
+
+
+# -- the standing red team: hostile specs give a SpecError or a valid spec, nothing else ----------
+#: how many examples each red-team test runs (the figure reported in docs/reliability.md)
+RED_TEAM_EXAMPLES = {"text": 300, "hostile": 300, "python": 200}
+_YAML_CHARS = "[]{}:,-?&*!|>'\"#%@`~ \n\t.0123456789eE+_aqkvx<=\\\ufeff\u00e9"
+_FIELDS = [*ta.AdapterSpec.model_fields, "rnak"]
+
+
+def _spec_error_or_spec(source: Any) -> SpecError | None:
+    """Loading ``source`` gives a SpecError with named problems, or a spec that round-trips."""
+    try:
+        spec = ta.load_spec(source)
+    except SpecError as err:
+        assert err.problems and all(isinstance(p.path, str) and p.message for p in err.problems)
+        return err
+    assert isinstance(spec, ta.AdapterSpec)
+    assert ta.load_spec(spec_to_yaml(spec)) == spec
+    return None
+
+
+@pytest.mark.slow
+@settings(max_examples=RED_TEAM_EXAMPLES["text"], deadline=None)
+@given(st.text(alphabet=_YAML_CHARS, max_size=160))
+def test_red_team_random_text(text: str) -> None:
+    _spec_error_or_spec(text if "\n" in text else text + "\n")
+
+
+@st.composite
+def hostile_yaml(draw: st.DrawFn) -> tuple[str, str | None]:
+    """A spec with one hostile value, and the limit it must be refused by (None: any outcome)."""
+    kind = draw(st.sampled_from(["laughs", "nest", "int", "tag", "alias", "wide", "mixed"]))
+    key = draw(st.sampled_from(_FIELDS))
+    if kind == "laughs":
+        width, levels = draw(st.integers(2, 12)), draw(st.integers(1, 10))
+        text = _laughs(width, levels).replace("a: &a", f"{key}: &a", 1)
+        return text, ("more than 10,000 values" if width**levels > 20_000 else None)
+    if kind == "nest":
+        depth = draw(st.integers(1, 150))
+        opener, closer = draw(st.sampled_from([("[", "]"), ("{a: ", "}"), ("[{b: ", "}]")]))
+        leaf = draw(st.sampled_from(["1", "q", "", "*x", "&y 2"]))
+        levels = 1 + depth * (2 if opener == "[{b: " else 1)  # the spec's own mapping is one
+        return f"{key}: {opener * depth}{leaf}{closer * depth}\n", (
+            "nests deeper" if levels > 32 else None
+        )
+    if kind == "int":
+        digits = draw(st.integers(1, 6000))
+        sign = draw(st.sampled_from(["", "-", "+"]))
+        tag = draw(st.sampled_from(["", "!!int ", "!!float ", "!!str "]))
+        text = f"{key}: {tag}{sign}{'1' + '0' * (digits - 1)}\n"
+        return text, ("digits is too large" if digits > 18 and tag in ("", "!!int ") else None)
+    if kind == "tag":
+        tag = draw(
+            st.sampled_from(
+                [
+                    "!!binary",
+                    "!!timestamp",
+                    "!!set",
+                    "!!omap",
+                    "!!pairs",
+                    "!!python/name:os.system",
+                    "!!bool",
+                    "!!null",
+                    "!!map",
+                    "!!seq",
+                    "!custom",
+                    "!!merge",
+                ]
+            )
+        )
+        value = draw(st.sampled_from(["x", "2001-13-45", "{a: 1}", "[1, 2]", "'%%%'", "", "yes"]))
+        return f"{key}: {tag} {value}\n", None
+    if kind == "alias":
+        body = draw(
+            st.sampled_from(
+                [
+                    "&a [1, *a]",
+                    "*undefined",
+                    "&a 1\nb: *a",
+                    "&a {<<: *a}",
+                    "&a [&a 1, *a]",
+                    "{<<: [1, 2]}",
+                ]
+            )
+        )
+        return f"{key}: {body}\n", None
+    if kind == "wide":
+        n = draw(st.integers(1, 15000))
+        return f"{key}: [{', '.join(['q'] * n)}]\n", (
+            "more than 10,000 values" if n >= 10_000 else None
+        )
+    text = draw(st.text(alphabet=_YAML_CHARS, max_size=60))
+    return f"{key}: {text}\n", None
+
+
+@pytest.mark.slow
+@settings(max_examples=RED_TEAM_EXAMPLES["hostile"], deadline=None)
+@given(hostile_yaml())
+def test_red_team_hostile_yaml(case: tuple[str, str | None]) -> None:
+    """Alias bombs, deep nests, huge integers, odd tags and aliases: a SpecError (naming the limit
+    when one is breached) or a valid spec -- never another exception, never the expanded work."""
+    text, limit = case
+    err = _spec_error_or_spec(text)
+    if limit is not None:
+        assert err is not None and any(limit in p.message for p in err.problems), (text[:80], err)
+
+
+def _containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = st.one_of(st.text(max_size=6), st.integers(), st.sampled_from(_FIELDS))
+    return st.one_of(
+        st.lists(kids, max_size=4), st.tuples(kids, kids), st.dictionaries(keys, kids, max_size=4)
+    )
+
+
+_HOSTILE_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**30), 10**30),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=8),
+        st.binary(max_size=4),
+        st.sampled_from([object(), {1, 2}, frozenset(), 1j, Path("x")]),
+    ),
+    _containers,
+    max_leaves=15,
+)
+
+
+@st.composite
+def hostile_python(draw: st.DrawFn) -> Any:
+    """Python data as no YAML could give: odd types, huge integers, cycles, shared references
+    (a bomb), deep nesting."""
+    value = draw(_HOSTILE_VALUES)
+    twist = draw(st.sampled_from(["none", "cycle", "share", "deep"]))
+    if twist == "cycle" and isinstance(value, list):
+        value.append(value)
+    elif twist == "share":
+        value = [value] * draw(st.integers(2, 30))
+        value = [value] * draw(st.integers(2, 30))
+        value = [value] * draw(st.integers(2, 30))
+    elif twist == "deep":
+        for _ in range(draw(st.integers(1, 60))):
+            value = {"k": value}
+    return value
+
+
+@pytest.mark.slow
+@settings(max_examples=RED_TEAM_EXAMPLES["python"], deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), hostile_python(), max_size=4))
+def test_red_team_python_mappings(spec: dict[str, Any]) -> None:
+    _spec_error_or_spec(spec)

@@ -231,9 +231,14 @@ def test_fused_and_split_layouts_adapt_alike(
     config = tiny_config(model_type, **overrides)
     fused = build(config)
     split, family = _split_twin(fused, config)
-    import tensadapt.arch as arch_pkg
+    import tensadapt.plugins as plugins
 
-    monkeypatch.setattr(arch_pkg, "_registered_families", lambda: (*BUILTIN_FAMILIES, family))
+    registered = plugins.family_for
+    monkeypatch.setattr(
+        plugins,
+        "family_for",
+        lambda model_type: family if model_type in family.model_types else registered(model_type),
+    )
     inputs = {
         "input_ids": torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(1))
     }

@@ -350,16 +350,6 @@ def test_plan_memory_matches_a_real_model() -> None:
 
 
 # -- the papers' zero-update initialisers through inject -----------------------------------------
-def _spec_or_xfail(spec: dict) -> dict:
-    """xfail while the spec branch has not taught AdapterSpec these inits/keys; the test then runs
-    for real."""
-    try:
-        ta.load_spec(spec)
-    except SpecError as e:
-        pytest.xfail(f"spec not accepted yet (spec branch): {str(e).splitlines()[-1].strip()}")
-    return spec
-
-
 @pytest.mark.parametrize(
     ("init", "fact", "modes", "rank"),
     [
@@ -369,7 +359,7 @@ def _spec_or_xfail(spec: dict) -> dict:
     ],
 )
 def test_paper_init_through_inject_starts_at_the_base_model(init, fact, modes, rank) -> None:
-    spec = _spec_or_xfail(
+    spec = (
         {
             "factorization": fact,
             "modes": modes,

@@ -15,14 +15,14 @@ from tensadapt.model import get_adapter
 from tensadapt.nn import TensorAdapter
 from tensadapt.numerics import TOLERANCES, relative_error
 from tensadapt.planner import Plan, plan
-from tensadapt.spec import _factorizations
+from tensadapt.plugins import factorization_registry
 
 BUILTIN = ["lora", "cp", "tucker", "tt", "mpo"]
 MODES = [[], ["qkv", "depth"], ["heads", "qkv", "depth"]]
 
 
 def registered() -> list[str]:
-    names = list(_factorizations().names())
+    names = list(factorization_registry().names())
     assert set(BUILTIN) <= set(names)
     return names
 

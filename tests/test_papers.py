@@ -9,9 +9,6 @@ TensLoRA: the authors build each update matrix from a tensorly tensor with ``tl.
 ``tensors_manipulator.py``); re-implemented here, it must equal tensadapt's ``head_layout: strided``.
 
 The papers' initialisers are re-implemented as the authors call them and compared bit for bit.
-
-Tests that need spec keys not yet in :class:`~tensadapt.spec.AdapterSpec` (``orientation``,
-``head_layout``) are marked xfail while the key is missing, and run for real once it exists.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ from tensadapt.io import load_adapter_state
 from tensadapt.model import get_adapter
 from tensadapt.nn import TensorAdapter
 from tensadapt.planner import get_factorization, plan
-from tensadapt.spec import AdapterSpec
 
 REF = SHARED / "reference" / "lorta-peft"
 needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference data not found at {REF}")
@@ -50,13 +46,6 @@ ROBERTA_MODULES = {
     "v": ("attention.self.value", 2),
     "o": ("attention.output.dense", 3),
 }
-
-
-def _requires(*keys: str) -> None:
-    """xfail while the spec lacks a key this convention needs (it lands with the spec branch)."""
-    missing = [k for k in keys if k not in AdapterSpec.model_fields]
-    if missing:
-        pytest.xfail(f"AdapterSpec has no {missing} yet (spec branch); the planner must honour it")
 
 
 # -- LoRTA: the authors' function -----------------------------------------------------------------
@@ -167,7 +156,6 @@ def _adapted_reference(spec: dict[str, Any], authors_orientation: bool) -> torch
 @needs_ref
 def test_tensadapt_lorta_orientation_equals_the_authors() -> None:
     """tensadapt with ``orientation: lorta`` computes the authors' ΔW and logits."""
-    _requires("orientation")
     _, _, expected = _ref_factors()
     model = _adapted_reference(_lorta_spec(orientation="lorta"), authors_orientation=True)
     ad = get_adapter(model)
@@ -384,8 +372,6 @@ def test_tenslora_strided_split_equals_the_authors(
     method: str, fact: str, heads: int, head_dim: int, layers: int, rank: int, seed: int
 ) -> None:
     att = TENSLORA_METHODS[method][1]
-    if att:
-        _requires("head_layout")
     modes = [
         m for m, on in (("att", att), ("qkv", "qkv" in method), ("depth", "depth" in method)) if on
     ]
@@ -454,7 +440,6 @@ def test_paper_specs_cover_every_published_setup() -> None:
 
 @pytest.mark.parametrize("path", PAPER_SPECS, ids=[p.stem for p in PAPER_SPECS])
 def test_paper_spec_validates_and_plans(path) -> None:
-    _requires("orientation", "head_layout", "training")
     spec = ta.load_spec(path)
     p = plan(spec, _paper_model(path.stem))
     assert p.n_params > 0

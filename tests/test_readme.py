@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tensadapt.spec import AdapterSpec
+from tensadapt.spec import AdapterSpec, TrainingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -29,6 +29,15 @@ def test_spec_reference_lists_every_key_with_its_default() -> None:
         if isinstance(default, tuple):
             default = list(default)
         assert expected == default, f"README says {key} defaults to {shown!r}, code says {default!r}"
+
+
+def test_spec_reference_lists_every_training_key() -> None:
+    section = README.split("## Spec reference", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| training key |", 1)[1].split("\n\n", 1)[0]
+    keys = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
+    assert keys == list(TrainingSpec.model_fields)
+    for key, field in TrainingSpec.model_fields.items():
+        assert field.default is None, f"training.{key} must default to null (the command's own)"
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:

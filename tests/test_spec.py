@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,12 @@ from pydantic import BaseModel, ValidationError
 
 from tensadapt.errors import Problem, SpecError
 from tensadapt.factorizations import BUILTINS
+from tensadapt.plugins import factorization_registry
 from tensadapt.spec import (
     MODE_ALIASES,
     MODES,
     AdapterSpec,
-    _factorizations,
+    TrainingSpec,
     axis_names,
     json_schema,
     load_spec,
@@ -131,6 +134,129 @@ MALFORMED: list[tuple[str, str, str, str]] = [
     ("comment-only", "# nothing here\n", "", "empty spec"),
     ("duplicate-yaml-key", "rank: 8\nalpha: 1\nrank: 4", "rank", "given twice (lines 1 and 3)"),
     ("non-string-key", "1: 2", "1", "keys must be strings"),
+    # strict types: no string-to-number, no bool-as-int
+    ("alpha-string", 'alpha: "16"', "alpha", "must be a number, got '16'"),
+    ("dropout-string-number", 'dropout: "0.5"', "dropout", "must be a number, got '0.5'"),
+    ("rank-string-number", 'rank: "8"', "rank", "integer >= 1"),
+    (
+        "rank-map-value-bool",
+        "factorization: tucker\nrank: {in: true, default: 2}",
+        "rank.in",
+        "must be an integer, got true",
+    ),
+    ("layers-bool", "layers: [true]", "layers.0", "layer index"),
+    ("name-number", "name: 123", "name", "must be a string, got 123"),
+    (
+        "options-mpo-bool",
+        "factorization: mpo\noptions: {n_cores: true}",
+        "options.n_cores",
+        "must be an integer, got true",
+    ),
+    (
+        "options-mpo-string-number",
+        'factorization: mpo\noptions: {n_cores: "3"}',
+        "options.n_cores",
+        "must be an integer, got '3'",
+    ),
+    (
+        "options-mpo-float",
+        "factorization: mpo\noptions: {in_shape: [4, 4.5, 48]}",
+        "options.in_shape.1",
+        "must be an integer",
+    ),
+    # modes, layout and orientation
+    (
+        "heads-without-attention-target",
+        "targets: [up, down]\nmodes: [heads]",
+        "modes",
+        "mode 'heads' splits the heads of attention projections, but targets [up, down] has none",
+    ),
+    (
+        "strided-without-heads",
+        "head_layout: strided\nmodes: [qkv]",
+        "head_layout",
+        "[qkv] has no 'heads'",
+    ),
+    (
+        "head-layout-unknown",
+        "head_layout: interleaved",
+        "head_layout",
+        "one of 'contiguous' or 'strided'",
+    ),
+    (
+        "orientation-unknown",
+        "orientation: transposed",
+        "orientation",
+        "one of 'head-consistent' or 'lorta'",
+    ),
+    # initialisers (from the registry, without torch)
+    (
+        "init-unknown",
+        "init: svdd\nresidual: frozen",
+        "init",
+        "unknown initializer 'svdd' (did you mean 'svd'?)",
+    ),
+    (
+        "init-lorta-on-tucker",
+        "factorization: tucker\ninit: lorta",
+        "init",
+        "not supported by factorization 'tucker'; it supports: zeros, svd, tenslora",
+    ),
+    (
+        "init-lorta-residual",
+        "factorization: cp\ninit: lorta\nresidual: frozen",
+        "residual",
+        "init is 'lorta', which does not start from the pretrained weights",
+    ),
+    # the training section
+    (
+        "training-unknown-key",
+        "training: {lrr: 0.1}",
+        "training.lrr",
+        "unknown key 'lrr' (did you mean 'lr'?)",
+    ),
+    (
+        "training-unknown-far",
+        "training: {optimizer: adam}",
+        "training.optimizer",
+        "valid keys: lr, head_lr, schedule",
+    ),
+    ("training-lr-zero", "training: {lr: 0}", "training.lr", "must be > 0"),
+    ("training-lr-string", 'training: {lr: "1e-3"}', "training.lr", "must be a number, got '1e-3'"),
+    ("training-head-lr-inf", "training: {head_lr: .inf}", "training.head_lr", "finite"),
+    (
+        "training-schedule",
+        "training: {schedule: step}",
+        "training.schedule",
+        "one of 'linear', 'cosine' or 'constant'",
+    ),
+    ("training-warmup-one", "training: {warmup_ratio: 1}", "training.warmup_ratio", "must be < 1"),
+    ("training-epochs-zero", "training: {epochs: 0}", "training.epochs", "must be > 0"),
+    (
+        "training-batch-float",
+        "training: {batch_size: 8.0}",
+        "training.batch_size",
+        "must be an integer, got 8.0",
+    ),
+    (
+        "training-batch-bool",
+        "training: {batch_size: true}",
+        "training.batch_size",
+        "must be an integer, got true",
+    ),
+    (
+        "training-decay-negative",
+        "training: {weight_decay: -0.1}",
+        "training.weight_decay",
+        "must be >= 0",
+    ),
+    (
+        "training-max-length-zero",
+        "training: {max_length: 0}",
+        "training.max_length",
+        "must be >= 1",
+    ),
+    ("training-not-mapping", "training: 3", "training", "must be a mapping, got 3"),
 ]
 
 
@@ -224,6 +350,17 @@ VALID: list[str] = [
     "base: nf4\ntargets: [q, k, v, o, up, gate, down]\nmodules_to_save: [classifier]",
     "layers: [11, 0, 5]\nname: '123'",
     "alpha: null\noptions: null",
+    "orientation: lorta\nhead_layout: strided\nfactorization: cp\nmodes: [heads, qkv, depth]\n"
+    "targets: [q, k, v, o]\nrank: 4",
+    "factorization: cp\ninit: lorta\nmodes: [heads, qkv, depth]\ntargets: [q, k, v, o]\nalpha: 1",
+    "factorization: tucker\ninit: tenslora\nmodes: [qkv, depth]\nrank: {default: 4}",
+    "factorization: cp\ninit: tenslora\nmodes: [heads, qkv]",
+    "targets: [q, up]\nmodes: [heads]",
+    "training: {lr: 0.0005, head_lr: 0.01, schedule: cosine, warmup_ratio: 0.06, epochs: 3, "
+    "batch_size: 32, weight_decay: 0.01, max_length: 128}",
+    "training: {epochs: 0.5, lr: 1}",
+    "training: {}",
+    "training: null",
 ]
 
 
@@ -252,7 +389,48 @@ def test_defaults() -> None:
     assert spec.modules_to_save == ()
     assert spec.options == {}
     assert spec.name is None
+    assert (spec.orientation, spec.head_layout, spec.training) == (
+        "head-consistent",
+        "contiguous",
+        None,
+    )
     assert spec == AdapterSpec()
+
+
+def test_training_section() -> None:
+    spec = load_spec("training: {lr: 2e-3, schedule: cosine, batch_size: 16}")
+    assert spec.training == TrainingSpec(lr=2e-3, schedule="cosine", batch_size=16)
+    assert spec.training is not None and spec.training.head_lr is None
+    assert yaml.safe_load(spec_to_yaml(spec))["training"] == {
+        "lr": 0.002,
+        "head_lr": None,
+        "schedule": "cosine",
+        "warmup_ratio": None,
+        "epochs": None,
+        "batch_size": 16,
+        "weight_decay": None,
+        "max_length": None,
+    }
+    assert load_spec("training: {lr: 1}").training.lr == 1.0  # type: ignore[union-attr]
+    # YAML 1.2 exponents without a dot are numbers (PyYAML's YAML 1.1 would read '2e-3' as text)
+    assert load_spec("training: {lr: 2e-3, head_lr: 1E+1}").training == TrainingSpec(
+        lr=0.002, head_lr=10.0
+    )
+    with pytest.raises(SpecError, match="name: must be a string, got 100000.0"):
+        load_spec("name: 1e5")  # a number, as in YAML 1.2 (quote it for a name)
+    assert load_spec("{}").training is None
+
+
+def test_problems_in_training_and_elsewhere_all_at_once() -> None:
+    problems = _problems(
+        "alpha: '16'\ntraining:\n  lr: -1\n  lrr: 2\nmodes: [heads]\ntargets: [up]"
+    )
+    assert [(p.path, p.message.rsplit(" (line", 1)[1]) for p in problems] == [
+        ("alpha", " 1)"),
+        ("training.lr", " 3)"),
+        ("training.lrr", " 4)"),
+        ("modes", " 5)"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -408,6 +586,33 @@ def test_validate_files(tmp_path: Path) -> None:
     assert list(results) == [str(good), str(bad), str(missing), str(tmp_path)]
 
 
+# -- no torch, no plugin for a spec of built-ins --------------------------------------------------
+
+
+def test_spec_of_builtins_imports_no_torch_no_transformers_no_plugin() -> None:
+    """``import tensadapt.spec``, ``load_spec`` of built-in names and ``json_schema()`` (which
+    lists every plugin, so loads them) never import torch or transformers; only a name the
+    built-ins lack imports plugins."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "def seen():\n"
+        "    return sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "import tensadapt.spec as s\n"
+        "print(seen())\n"
+        f"s.load_spec({str(root / 'specs' / 'lorta.yaml')!r})\n"
+        "s.load_spec({'factorization': 'mpo', 'init': 'mpo', 'residual': 'frozen'})\n"
+        "s.load_spec({'factorization': 'cp', 'init': 'lorta', 'training': {'lr': 1e-3}})\n"
+        "print(seen(), sorted(m for m in sys.modules if m.startswith('tensadapt_')))\n"
+        "s.json_schema()\n"
+        "print(seen())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "[] []", "[]"]
+
+
 # -- JSON Schema ---------------------------------------------------------------------------------
 
 
@@ -424,7 +629,7 @@ def test_json_schema() -> None:
     # built-ins first, then installed plugins (the test set-up installs tensadapt-tensor-ring)
     enum = props["factorization"]["enum"]
     assert enum[: len(BUILTIN_NAMES)] == BUILTIN_NAMES
-    assert enum == _factorizations().names()
+    assert enum == factorization_registry().names()
     assert props["targets"]["items"]["enum"] == [
         *("q", "k", "v", "o", "up", "gate", "down"),
         *("cross_q", "cross_k", "cross_v", "cross_o", "expert_up", "expert_gate", "expert_down"),
@@ -518,12 +723,26 @@ _PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     ),
     "alpha": st.none() | st.floats(-1, 64, allow_nan=False),
     "dropout": st.floats(-0.1, 1.0, allow_nan=False),
-    "init": st.sampled_from(["zeros", "svd", "mpo"]),
+    "init": st.sampled_from(["zeros", "svd", "mpo", "lorta", "tenslora"]),
+    "orientation": st.sampled_from(["head-consistent", "lorta"]),
+    "head_layout": st.sampled_from(["contiguous", "strided"]),
+    "training": st.none()
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "lr": st.floats(-1, 1, allow_nan=False),
+            "schedule": st.sampled_from(["linear", "cosine", "constant", "step"]),
+            "warmup_ratio": st.floats(-0.5, 1.5, allow_nan=False),
+            "batch_size": st.integers(-1, 64),
+            "epochs": st.floats(0, 3) | st.integers(0, 3),
+        },
+    ),
     "residual": st.sampled_from(["none", "frozen", "nf4"]),
     "base": st.sampled_from(["fp", "nf4"]),
     "layers": st.just("all") | st.lists(st.integers(-1, 12), max_size=4),
     "modules_to_save": st.lists(st.sampled_from(["classifier", "score", "pooler"]), max_size=2),
-    "options": st.just({}) | st.fixed_dictionaries({}, optional={"n_cores": st.integers(0, 6)}),
+    "options": st.just({})
+    | st.fixed_dictionaries({}, optional={"n_cores": st.integers(0, 6) | st.booleans()}),
 }
 
 
@@ -551,8 +770,9 @@ def test_plausible_specs(data: dict[str, Any]) -> None:
     assert list(spec.targets) == [
         t for t in ("q", "k", "v", "o", "up", "gate", "down") if t in spec.targets
     ]
-    assert spec.init in spec.get_factorization().inits
-    assert (spec.init == "zeros") == (spec.residual == "none")
+    init = spec.get_initializer()
+    assert init.supports(spec.factorization)
+    assert init.pretrained == (spec.residual != "none")
 
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.y*ml"))

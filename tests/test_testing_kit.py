@@ -4,10 +4,12 @@ generate what the rest of tensadapt accepts."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from fake_plugins import install_examples
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,27 +19,31 @@ from tensadapt.factorizations.base import Factorization, default_init, make_netw
 from tensadapt.model import get_adapter
 from tensadapt.testing import ConformanceError, check_factorization, ranks, specs, tensor_shapes
 
+
+@pytest.fixture(scope="module")
+def examples():
+    """The example plugins (tensor_ring), installed from their source trees when ``make install``
+    did not install them."""
+    with pytest.MonkeyPatch.context() as mp:
+        install_examples(mp)
+        yield
+    plugins.reset()
+
+
 #: options a format needs on the tiny synthetic models (width 16)
 OPTIONS = {"mpo": {"n_cores": 2}}
 ONE_CASE = dict(models=("gpt2",), modes=[("qkv", "depth")])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _registered() -> list[str]:
     return plugins.factorization_registry().names()
 
 
-def test_the_table_covers_builtins_and_the_installed_plugin() -> None:
+def test_the_table_covers_builtins_and_the_installed_plugin(examples) -> None:
     assert {"lora", "cp", "tucker", "tt", "mpo", "tensor_ring"} <= set(_registered())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _registered())
 def test_every_registered_factorization_conforms(name: str) -> None:
     cls = type(plugins.factorization_registry().get(name))
@@ -76,9 +82,34 @@ class Missing(Factorization):
     name = "kit_missing"
 
 
+class SixteenWide(Factorization):
+    """Right where the model is 16 wide -- the kit's synthetic models and the loader's probe
+    are -- and wrong on any other width: its input factor is sized for 16 inputs whatever the
+    tensor's ``in`` axis (a forward on a real model would fail in the contraction)."""
+
+    name = "kit_sixteen"
+
+    def network(self, axes, rank, options):
+        net = Good().network(axes, rank, options)
+        a = net.factor("A")
+        return dataclasses.replace(
+            net, factors=(dataclasses.replace(a, shape=(16, 2)), *net.factors[1:])
+        )
+
+
 def test_unregistered_class_is_registered_for_the_checks_only() -> None:
     check_factorization(Good, **ONE_CASE)
     assert "kit_good" not in plugins.factorization_registry()
+
+
+def test_shape_probe_catches_a_format_right_on_one_width_only() -> None:
+    check_factorization(SixteenWide, shapes=0, **ONE_CASE)  # the model checks alone pass it
+    with pytest.raises(
+        ConformanceError,
+        match=r"kit_sixteen on axes in=1, .* at rank .*: shapes: factor A has shape \(16, 2\), "
+        r"its legs give \(1, 2\)",
+    ):
+        check_factorization(SixteenWide, **ONE_CASE)
 
 
 def test_interface_check() -> None:
@@ -191,6 +222,6 @@ def test_generated_specs_are_valid(spec) -> None:
 
 
 @given(spec=specs(factorizations=["tensor_ring", "cp"]))
-def test_generated_specs_plan_on_a_real_architecture(spec) -> None:
+def test_generated_specs_plan_on_a_real_architecture(examples, spec) -> None:
     p = ta.plan(spec, "tiny-bert")
     assert p.n_params == sum(t.n_params for t in p.tensors) > 0

@@ -64,13 +64,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def _registered_families() -> tuple[Family, ...]:
-    """The built-in families and those plugins register (loads plugins on first use)."""
-    from ..plugins import families
-
-    return families()
-
-
 def from_config(config: Any, families: Iterable[Family] | None = None) -> Architecture:
     """The :class:`Architecture` of a ``transformers`` ``PretrainedConfig``, without weights.
 
@@ -84,7 +77,7 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
     Raises:
         ArchitectureError: the family is unknown and the model cannot be built or scanned.
     """
-    fams = _registered_families() if families is None else tuple(families)
+    fams = None if families is None else tuple(families)
     model_type = str(getattr(config, "model_type", "") or "")
     family = family_for(model_type, fams)
     if family is not None:
@@ -97,9 +90,12 @@ def from_config(config: Any, families: Iterable[Family] | None = None) -> Archit
             model = AutoModel.from_config(config)
     except Exception as exc:
         reason = first_line(exc)
+        from ..plugins import families as registered
+
+        shown = fams if fams is not None else registered()
         raise ArchitectureError(
             f"model_type {model_type!r} is not a known family (families "
-            f"{', '.join(f.name for f in fams)}; {len(known_model_types(fams))} model types, "
+            f"{', '.join(f.name for f in shown)}; {len(known_model_types(fams))} model types, "
             f"listed by tensadapt.arch.known_model_types()) and AutoModel cannot build it to "
             f"scan its modules: {reason}"
         ) from exc
@@ -123,7 +119,7 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
     Raises:
         ArchitectureError: nothing adaptable is found; the message says what was.
     """
-    fams = _registered_families() if families is None else tuple(families)
+    fams = None if families is None else tuple(families)
     config = getattr(model, "config", None)
     family = family_for(str(getattr(config, "model_type", "") or ""), fams)
     from .resolve import ModuleIndex

@@ -587,15 +587,23 @@ def family_for(model_type: str, families: Iterable[Family] | None = None) -> Fam
 
     Args:
         model_type: a config's ``model_type``.
-        families: families to search; default :data:`BUILTIN_FAMILIES`.
+        families: families to search; default: every registered family, looked up in the plugin
+            registry (built-ins first; plugins are loaded only if no built-in covers it).
     """
-    for family in BUILTIN_FAMILIES if families is None else families:
+    if families is None:
+        from ..plugins import family_for as registered_family_for
+
+        return registered_family_for(model_type)
+    for family in families:
         if model_type in family.model_types:
             return family
     return None
 
 
 def known_model_types(families: Iterable[Family] | None = None) -> list[str]:
-    """Every ``model_type`` a family in ``families`` (default: the built-ins) covers."""
-    fams = BUILTIN_FAMILIES if families is None else families
-    return [mt for family in fams for mt in family.model_types]
+    """Every ``model_type`` a family in ``families`` (default: every registered one) covers."""
+    if families is None:
+        from ..plugins import families as registered_families
+
+        families = registered_families()
+    return [mt for family in families for mt in family.model_types]

@@ -8,6 +8,7 @@ from tensadapt_gpt_neo import GPT_NEO
 
 import tensadapt as ta
 from tensadapt.arch import from_config, from_model, scan_model
+from tensadapt.testing import single_thread
 
 
 def _config():
@@ -93,7 +94,5 @@ def test_inject_trains_and_merges(modes: list[str]) -> None:
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
