@@ -355,7 +355,15 @@ def import_checkpoint(
             heads = [t for k, t in ckpt.saved.items() if k.endswith("weight") and t.dim() == 2]
             num_labels = int(heads[-1].shape[0]) if heads else None
         model = load_base_model(model, model_class=model_class, num_labels=num_labels)
-    adapted = TensadaptModel(model, spec_for(ckpt), seed=seed)
+    from ..errors import ArchitectureError, PlanError
+
+    try:
+        adapted = TensadaptModel(model, spec_for(ckpt), seed=seed)
+    except (PlanError, ArchitectureError) as e:
+        raise AdapterMismatchError(
+            f"{ckpt.source}: the checkpoint does not fit {type(model).__name__} (made for another "
+            f"model?): {first_line(e)}"
+        ) from None
     state = convert_state(ckpt, adapted.plan())
     load_adapter_state(adapted.base_model, state, source=ckpt.source)
     return adapted.save_pretrained(out)
