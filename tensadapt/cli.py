@@ -397,7 +397,7 @@ def _train_options(args: argparse.Namespace, seed: int = 0) -> object:
 
     return TrainOptions(
         epochs=args.epochs,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps if args.max_steps > 0 else None,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         lr=args.lr,

@@ -50,7 +50,7 @@ from typing import Any
 from .errors import PlanError, SpecError, TensadaptError, first_line
 from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
-from .spec import MODES, AdapterSpec, _factorizations, get_factorization, load_spec, spec_to_yaml
+from .spec import MODES, AdapterSpec, get_factorization, load_spec, spec_to_yaml
 
 #: Every subset of the stacking modes, in the order tables list them.
 MODE_SUBSETS: tuple[tuple[str, ...], ...] = tuple(
@@ -159,7 +159,7 @@ class Enumeration:
 
     def write_specs(self, directory: str | Path) -> list[Path]:
         """Write one spec YAML per row to ``directory`` (created), named :attr:`Row.filename`."""
-        from .io import _write_text
+        from .io import atomic_write
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -173,12 +173,17 @@ class Enumeration:
                 f"--model {self.model}\n"
             )
             path = out / r.filename
-            _write_text(path, note + spec_to_yaml(r.spec))
+            atomic_write(path, _text_writer(note + spec_to_yaml(r.spec)))
             paths.append(path)
         return paths
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _text_writer(text: str) -> Callable[[str], object]:
+    """A writer for :func:`~tensadapt.io.atomic_write` that writes ``text`` as UTF-8."""
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
 
 
 def parse_budget_of(text: str) -> int:
@@ -318,7 +323,9 @@ def model_param_count(model: Any) -> int | None:
 
 def factorization_names() -> list[str]:
     """Every registered factorization (built-ins and plugins)."""
-    return list(_factorizations().names())
+    from .plugins import names
+
+    return list(names("factorization"))
 
 
 # -- the enumeration ---------------------------------------------------------------------------
