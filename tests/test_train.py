@@ -474,6 +474,20 @@ def test_claim_locks_the_directory_and_takes_over_a_stale_lock(tmp_path):
     assert not (d / tr_outdir.LOCK_FILE).exists()
 
 
+def test_cli_train_refuses_out_before_reading_data(data, tmp_path, capsys, monkeypatch):
+    import tensadapt.train.encode as encode_mod
+
+    monkeypatch.setattr(encode_mod, "load_task_data", lambda *a, **k: pytest.fail("data was read"))
+    spec = tmp_path / "s.yaml"
+    spec.write_text("factorization: cp\nmodes: [qkv, depth]\nrank: 2\n")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("x")
+    argv = ["train", str(spec), "--model", "tiny-bert", "--data", str(data[0]), "--out", str(a_file)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {a_file}: exists and is not a directory" in err and "Traceback" not in err
+
+
 # -- a loss that explodes stops the run, saves nothing a sweep trusts ------------------------------
 
 
