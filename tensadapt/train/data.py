@@ -156,10 +156,19 @@ def read_text(path: Path, what: str, encoding: str = "utf-8") -> str:
     return text
 
 
+def lines_of(text: str) -> list[str]:
+    """Lines ended by ``\n`` or ``\r\n`` only (``str.splitlines`` would also split inside a
+    JSON string holding U+2028 or a form feed, and shift every later line number)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
 def _json_rows(text: str, path: Path, what: str) -> tuple[list[str], list[Row]]:
     rows: list[Row] = []
     cols: dict[str, None] = {}
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
         try:
@@ -363,7 +372,7 @@ def read_split(
         return read_hf(src, opts, task, what)
     p = Path(path)
     if task == "causal-lm":
-        lines = [ln for ln in read_text(p, what, opts.encoding).splitlines() if ln.strip()]
+        lines = [ln for ln in lines_of(read_text(p, what, opts.encoding)) if ln.strip()]
         return Split(str(p), lines, None)
     cols, rows = read_rows(p, what, opts.encoding)
     return split_from_rows(str(p), cols, rows, opts, what)
