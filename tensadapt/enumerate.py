@@ -550,6 +550,9 @@ def load_rows_from_dir(directory: str | Path) -> list[tuple[str, AdapterSpec]]:
     if not d.is_dir():
         raise EnumerateError(f"--specs: {d}: no such directory")
     files = sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
+    odd = [f.name for f in files if not f.is_file()]
+    if odd:  # a FIFO would block the reader forever
+        raise EnumerateError(f"--specs: {d}: not regular files: {', '.join(odd)}")
     if not files:
         raise EnumerateError(f"--specs: {d}: no *.yaml spec files")
     return [(f.stem, load_spec(f)) for f in files]

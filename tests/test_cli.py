@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +335,83 @@ def test_out_flags_that_name_a_file_are_refused_before_work(tmp_path, capsys, mo
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"--out {a_file}: exists and is not a directory" in err, (argv, err)
+
+
+def test_flags_are_never_abbreviated(tmp_path, capsys) -> None:
+    """argparse's prefix matching made `sweep --seed 0` mean `--seeds 0`; an unknown flag must be
+    refused instead."""
+    spec, data = _spec_and_data(tmp_path)
+    argv = ["sweep", "--model", "tiny-bert", "--data", data, "--specs", str(tmp_path), "--out", "o"]
+    assert main([*argv, "--seed", "3"]) == 2
+    assert "unrecognized arguments: --seed 3" in capsys.readouterr().err
+    assert main(["train", spec, "--model", "tiny-bert", "--data", data, "--max-st", "3"]) == 2
+    assert "unrecognized arguments: --max-st" in capsys.readouterr().err
+
+
+def test_train_refuses_a_model_without_a_text_task_head_before_any_work(tmp_path, capsys) -> None:
+    spec, data = _spec_and_data(tmp_path)
+    assert main(["train", spec, "--model", "tiny-vit", "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert "--model tiny-vit: transformers has no sequence-classification model for a 'vit'" in err
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory) -> Path:
+    """A tiny-bert classifier adapter as `tensadapt train` saves it (1 step)."""
+    d = tmp_path_factory.mktemp("ad")
+    spec, data = _spec_and_data(d)
+    out = d / "run"
+    argv = ["train", spec, "--model", "tiny-bert", "--data", data, "--max-steps", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_export_refuses_another_family_and_tampered_plan_fields(trained_adapter, tmp_path, capsys) -> None:
+    base = ["export", "--to", "merged", "--out", str(tmp_path / "x")]
+    assert main([*base, str(trained_adapter), "--model", "tiny-gpt2"]) == 2
+    assert "--model tiny-gpt2 is a 'gpt2' model, but the adapter in" in capsys.readouterr().err
+    for field, value, needle in [
+        ("num_labels", 1_000_000_000, "num_labels 1000000000 is not an integer in 1..10000"),
+        ("num_labels", "2", "num_labels '2' is not an integer"),
+        ("model_class", "os.system", "model_class 'os.system' is not a class name"),
+        ("model_class", ["x"], "model_class ['x'] is not a class name"),
+    ]:
+        bad = tmp_path / f"bad-{field}-{value!s:.5}"
+        shutil.copytree(trained_adapter, bad)
+        plan = json.loads((bad / "plan.json").read_text())
+        (bad / "plan.json").write_text(json.dumps({**plan, field: value}))
+        assert main([*base, str(bad), "--model", "tiny-bert"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+
+def test_an_environment_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch) -> None:
+    import dataclasses
+    import errno
+
+    import tensadapt.cli as cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
+
+    table = tuple(dataclasses.replace(c, run=full_disk) if c.name == "plugins" else c for c in COMMANDS)
+    monkeypatch.setattr(cli, "COMMANDS", table)
+    assert main(["plugins"]) == 1
+    assert capsys.readouterr().err == f"tensadapt: error: No space left on device: {tmp_path / 'f'}\n"
+
+
+def test_a_fifo_given_as_a_spec_is_refused_not_read(tmp_path, capsys, monkeypatch) -> None:
+    """Opening a FIFO blocks until a writer comes: every spec argument is checked first."""
+    monkeypatch.chdir(ROOT)
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    assert main(["validate", "specs/lorta.yaml", str(fifo)]) == 2
+    out = capsys.readouterr().out
+    assert "specs/lorta.yaml: ok" in out and f"{fifo}: 1 problem(s)" in out and "not a regular file" in out
+    assert main(["plan", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    _, data = _spec_and_data(tmp_path)
+    argv = ["sweep", "--model", "tiny-bert", "--data", data, "--specs", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "not regular files: spec.yaml" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The ``tensadapt`` command line.
 
 Every command exits 0 on success, 2 on a user mistake (with a message naming the flag, the field,
-the file or the mismatch, never a traceback), 1 on an unexpected internal error, 141 when its
-output pipe is closed early (``tensadapt plan ... | head``: quietly, as Unix tools do).
+the file or the mismatch, never a traceback), 1 on an error of the environment (a full disk: one
+line) or an unexpected internal error (a traceback), 141 when its output pipe is closed early
+(``tensadapt plan ... | head``: quietly, as Unix tools do), 130 when interrupted.
 
 The commands are one table, :data:`COMMANDS`: each :class:`Command` has a name, a function adding
 its arguments, a function running it, and whether it needs torch. The functions live in
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against a model, inject, train, merge.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--disable-plugin",
@@ -210,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     for c in COMMANDS:
         p = sub.add_parser(
             c.name,
+            allow_abbrev=False,  # `sweep --seed 0` must not mean `--seeds 0`
             help=c.help,
             description=c.description,
             epilog=c.epilog or None,
@@ -267,6 +270,12 @@ def _run(argv: Sequence[str] | None) -> int:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"tensadapt: {e.strerror or e}: {e.filename}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # handled by main
+    except OSError as e:  # a full disk, a read-only file system: the environment, not a bug
+        where = f": {e.filename}" if e.filename else ""
+        print(f"tensadapt: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

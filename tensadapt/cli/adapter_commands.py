@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..train.options import arg_type
 from .base import UsageError, not_a_file
@@ -128,6 +129,41 @@ def add_export(p: argparse.ArgumentParser) -> None:
     )
 
 
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _trained_head(saved: dict[str, Any], src: Path) -> tuple[str | None, int | None]:
+    """``(model_class, num_labels)`` recorded at save, each checked (a tampered plan.json must
+    not pick an arbitrary class or size a head of a billion labels)."""
+    from ..errors import AdapterMismatchError
+    from ..train.data import MAX_LABELS
+
+    cls, n = saved.get("model_class"), saved.get("num_labels")
+    if cls is not None and not (isinstance(cls, str) and _CLASS_NAME.fullmatch(cls)):
+        raise AdapterMismatchError(f"{src}/plan.json: model_class {cls!r} is not a class name")
+    if n is not None and (
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_LABELS
+    ):
+        raise AdapterMismatchError(
+            f"{src}/plan.json: num_labels {n!r} is not an integer in 1..{MAX_LABELS}"
+        )
+    return cls, n
+
+
+def _check_family(saved: dict[str, Any], src: Path, model: str) -> None:
+    """Refuse a base model of another family than the one the adapter was trained on."""
+    from ..arch import load_config
+
+    arch = saved.get("architecture")
+    trained_on = arch.get("model_type") if isinstance(arch, dict) else None
+    kind = getattr(load_config(model), "model_type", None)
+    if isinstance(trained_on, str) and kind != trained_on:
+        raise UsageError(
+            f"--model {model} is a {kind!r} model, but the adapter in {src} was trained on a "
+            f"{trained_on!r} model; give that base model"
+        )
+
+
 def run_export(args: argparse.Namespace) -> int:
     src = Path(args.adapter)
     if not src.exists():
@@ -138,9 +174,11 @@ def run_export(args: argparse.Namespace) -> int:
     from ..export import export_merged, export_peft_lora, load_base_model
     from ..io import load_adapter, read_plan_file
 
-    saved = read_plan_file(src)  # default to the head the adapter was trained with
-    model_class = args.model_class or saved.get("model_class")
-    num_labels = saved.get("num_labels") if model_class == saved.get("model_class") else None
+    saved = read_plan_file(src)
+    trained = _trained_head(saved, src)  # default to the head the adapter was trained with
+    _check_family(saved, src, args.model)
+    model_class = args.model_class or trained[0]
+    num_labels = trained[1] if model_class == trained[0] else None
     model = load_base_model(
         args.model, seed=args.seed, model_class=model_class, num_labels=num_labels
     )

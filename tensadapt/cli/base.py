@@ -14,13 +14,24 @@ class UsageError(TensadaptError):
 
 
 def existing_file(path: str) -> Path:
-    """``path`` as a :class:`~pathlib.Path`; :class:`UsageError` unless it is an existing file."""
+    """``path`` as a :class:`~pathlib.Path`; :class:`UsageError` unless it is a regular file."""
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{path}: no such file")
-    if p.is_dir():
-        raise UsageError(f"{path}: is a directory, expected a file")
+    problem = file_problem(p)
+    if problem:
+        raise UsageError(f"{path}: {problem}")
     return p
+
+
+def file_problem(p: Path) -> str | None:
+    """Why ``p`` cannot be read as a file (``None`` when it can): missing, a directory, or not a
+    regular file (a FIFO or a device would block or never end)."""
+    if not p.exists():
+        return "no such file"
+    if p.is_dir():
+        return "is a directory, expected a file"
+    if not p.is_file():
+        return "not a regular file (a pipe or a device cannot be read)"
+    return None
 
 
 def encoding(text: str) -> str:

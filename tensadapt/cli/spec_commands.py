@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from pathlib import Path
 
-from .base import UsageError, existing_file
+from .base import UsageError, existing_file, file_problem
 
 
 def add_validate(p: argparse.ArgumentParser) -> None:
@@ -14,12 +16,24 @@ def add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
 
 
+def _blocking(p: Path) -> bool:
+    return p.exists() and not p.is_dir() and not p.is_file()
+
+
 def run_validate(args: argparse.Namespace) -> int:
     from ..spec import validate_files
 
-    results = validate_files(args.specs)
+    # a FIFO or a device would block the reader: refused here, by name, the rest validated
+    blocked: dict[str, Sequence[object]] = {
+        p: [file_problem(Path(p))] for p in args.specs if _blocking(Path(p))
+    }
+    results: dict[str, Sequence[object]] = {
+        **validate_files(p for p in args.specs if p not in blocked),
+        **blocked,
+    }
     bad = 0
-    for path, problems in results.items():
+    for path in dict.fromkeys(args.specs):
+        problems = results[path]
         if problems:
             bad += 1
             print(f"{path}: {len(problems)} problem(s)")

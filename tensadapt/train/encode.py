@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import DataError, DataOptions, Split, TaskData, load_task_data
-from .models import is_local_model, load_model_config
+from .models import check_task_model, is_local_model, load_model_config
 from .tokenizer import tokenizer_kind, train_tokenizer
 
 #: one tokenised example: ``input_ids``, ``attention_mask`` (lists of ints) and ``labels``
@@ -49,11 +49,13 @@ def prepare(
     Raises:
         DataError: bad data (see :func:`~tensadapt.train.data.load_task_data`), or a
             ``max_length`` that leaves no room for text, before any model is touched.
-        ArchitectureError: ``model`` is neither a preset nor a local model directory.
+        ArchitectureError: ``model`` is neither a preset nor a local model directory, or has no
+            model for the task (a vision model for text classification).
     """
     opts = opts or DataOptions()
     td = load_task_data(data, eval_data, opts)
     config = load_model_config(model)
+    check_task_model(model, config, td.task)
     if is_local_model(model):
         from transformers import AutoTokenizer
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ArchitectureError
+
 #: modules of a task model that are new (randomly initialised) heads and so must be trained
 HEAD_MODULES: tuple[str, ...] = ("classifier", "score", "pre_classifier")
 
@@ -25,6 +27,31 @@ def load_model_config(model: str | os.PathLike[str]) -> Any:
     from ..arch import load_config
 
     return load_config(str(model))
+
+
+def check_task_model(model: str | os.PathLike[str], config: Any, task: str) -> None:
+    """Raise :class:`~tensadapt.errors.ArchitectureError` unless ``transformers`` has a task model
+    (sequence classification / causal LM) for this config and it has a text vocabulary.
+
+    Checked from the config alone, before a tokenizer is trained or a weight allocated.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", "?")
+    names = (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if task == "causal-lm"
+        else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    )
+    what = "causal-LM" if task == "causal-lm" else "sequence-classification"
+    if kind not in names or getattr(config, "vocab_size", None) is None:
+        raise ArchitectureError(
+            f"--model {model}: transformers has no {what} model for a {kind!r} config (is it a "
+            "text model?); tensadapt train needs one"
+        )
 
 
 def build_base_model(
