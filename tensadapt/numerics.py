@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .errors import DivergenceError, NonFiniteError
 
@@ -146,7 +146,9 @@ class FiniteCheckCallback(TrainerCallback):
         self.every = every
         self.grads = grads
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         model = kwargs.get("model")
         if self.grads and model is not None:
             step = int(getattr(state, "global_step", 0)) + 1
@@ -154,7 +156,9 @@ class FiniteCheckCallback(TrainerCallback):
                 check_finite(model, step, grads=True)
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         model = kwargs.get("model")
         step = int(getattr(state, "global_step", 0))
         if model is not None and step % self.every == 0:
@@ -196,11 +200,20 @@ class DivergenceCallback(TrainerCallback):
         """The loss above which training stops (``None`` before the first logged loss)."""
         return None if self.reference is None else self.factor * self.reference
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         self.reference = None
         return control
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if not logs or "loss" not in logs:
             return control
         loss = float(logs["loss"])

@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import DataError, DataOptions, Split, TaskData, load_task_data
 from .models import check_task_model, is_local_model, load_model_config
 from .tokenizer import tokenizer_kind, train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: one tokenised example: ``input_ids``, ``attention_mask`` (lists of ints) and ``labels``
 #: (an int for classification, a list of token ids for causal LM)
@@ -25,7 +28,7 @@ class Prepared:
 
     model: str
     config: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     task: str
     num_labels: int
     train: list[Example]
@@ -100,7 +103,9 @@ def prepare(
     return Prepared(str(model), config, tokenizer, td.task, td.num_labels, train, ev, td, source)
 
 
-def encode_split(tokenizer: Any, split: Split, max_length: int) -> list[Example]:
+def encode_split(
+    tokenizer: PreTrainedTokenizerBase, split: Split, max_length: int
+) -> list[Example]:
     """Classification examples: token ids cut at ``max_length``, with their integer labels."""
     enc = tokenizer(split.texts, truncation=True, max_length=max_length)
     assert split.labels is not None
@@ -110,7 +115,9 @@ def encode_split(tokenizer: Any, split: Split, max_length: int) -> list[Example]
     ]
 
 
-def lm_blocks(tokenizer: Any, texts: Sequence[str], block: int) -> list[Example]:
+def lm_blocks(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block: int
+) -> list[Example]:
     """Causal-LM examples: the texts concatenated (EOS between them), cut into full blocks."""
     ids: list[int] = []
     for ids_line in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:

@@ -7,9 +7,12 @@ library on the training texts, the vocabulary capped at the config's ``vocab_siz
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 #: families tokenised with WordPiece when a tokenizer is trained on the fly (others: byte-level BPE)
 WORDPIECE_FAMILIES: frozenset[str] = frozenset(
@@ -22,7 +25,7 @@ def tokenizer_kind(config: Any) -> str:
     return "WordPiece" if config.model_type in WORDPIECE_FAMILIES else "byte-level BPE"
 
 
-def train_tokenizer(config: Any, texts: Iterable[str]) -> Any:
+def train_tokenizer(config: Any, texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A tokenizer trained on ``texts``, its vocabulary capped at ``config.vocab_size``.
 
     WordPiece with ``[PAD] [UNK] [CLS] [SEP] [MASK]`` for BERT-like families, byte-level BPE with

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import (
+    EvalPrediction,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from ..deps import require
 from ..errors import DivergenceError, NonFiniteError
@@ -60,28 +66,41 @@ class ProgressCallback(TrainerCallback):
         self.t0 = 0.0
         self.loss = math.nan
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.t0 = time.perf_counter()
         if self.enabled:
             self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", leave=True)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=self._rate(state))
 
-    def _rate(self, state: Any) -> str:
+    def _rate(self, state: TrainerState) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return f"{(getattr(state, 'num_input_tokens_seen', 0) or 0) / dt:,.0f}"
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -207,7 +226,7 @@ def training_callbacks(
     return [*cbs, *extra]
 
 
-def accuracy(pred: Any) -> dict[str, float]:
+def accuracy(pred: EvalPrediction) -> dict[str, float]:
     """``compute_metrics`` of classification: the share of argmax predictions equal to the label."""
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
     return {"accuracy": float((logits.argmax(-1) == pred.label_ids).mean())}
