@@ -1,6 +1,7 @@
 """A standing red team at the training boundary (issue 12 item 6): fuzzed training files and fuzzed
 command lines. Every case must end in a correct result or a named error (exit 2) -- never a raw
-exception, never a hang (each example runs under an alarm).
+exception, never a hang. Each example runs under an alarm of minutes, far above any real run: it
+turns a hang into a failure instead of a blocked suite, and times nothing.
 
 Fast by default (a few dozen examples per property); ``TENSADAPT_FUZZ=full`` runs 500 per
 property (``TENSADAPT_FUZZ=N`` runs N). Each test appends how many cases it ran to the file named
@@ -51,7 +52,7 @@ class Hang(Exception):
 
 
 @contextlib.contextmanager
-def no_hang(seconds: int = 20) -> Iterator[None]:
+def no_hang(seconds: int = 120) -> Iterator[None]:
     """Fail (instead of blocking the suite) when the body runs longer than ``seconds``."""
 
     def boom(signum: int, frame: object) -> None:
@@ -342,7 +343,7 @@ def test_random_command_lines_never_raise(tmp_path, capsys, monkeypatch, command
         argv[argv.index("--out")] = f"--out={tmp_path / 'o'}"
     count("random command lines")
     capsys.readouterr()
-    with no_hang(60):
+    with no_hang(600):
         try:
             rc = main(argv)
         except Reached:
