@@ -282,7 +282,8 @@ def train(
         ``train_loss``, ``steps``, ``adapter_params``, ``trainable_params``, ``time_s``, ...
     Raises:
         DivergenceError, NonFiniteError: the loss exploded or a factor/metric is not finite;
-            nothing but ``failed.json`` is written to ``out``.
+            this run writes only ``failed.json`` to ``out`` (no adapter, no ``metrics.json``; an
+            earlier run's files there stay as they were).
         OutputDirError: ``out`` cannot be used or is in use.
     """
     opts = opts or TrainOptions()
