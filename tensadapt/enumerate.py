@@ -50,6 +50,7 @@ from typing import Any
 from .errors import PlanError, SpecError, TensadaptError, first_line
 from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
+from .plugins import factorization_registry
 from .spec import MODES, AdapterSpec, get_factorization, load_spec, spec_to_yaml
 
 #: Every subset of the stacking modes, in the order tables list them.
@@ -323,9 +324,7 @@ def model_param_count(model: Any) -> int | None:
 
 def factorization_names() -> list[str]:
     """Every registered factorization (built-ins and plugins)."""
-    from .plugins import names
-
-    return list(names("factorization"))
+    return list(factorization_registry().names())
 
 
 # -- the enumeration ---------------------------------------------------------------------------

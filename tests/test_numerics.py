@@ -14,14 +14,14 @@ from tensadapt.model import get_adapter
 from tensadapt.nn import TensorAdapter
 from tensadapt.numerics import TOLERANCES, relative_error
 from tensadapt.planner import Plan, plan
-from tensadapt.plugins import names as registered_names
+from tensadapt.plugins import factorization_registry
 
 BUILTIN = ["lora", "cp", "tucker", "tt", "mpo"]
 MODES = [[], ["qkv", "depth"], ["heads", "qkv", "depth"]]
 
 
 def registered() -> list[str]:
-    names = list(registered_names("factorization"))
+    names = list(factorization_registry().names())
     assert set(BUILTIN) <= set(names)
     return names
 
