@@ -415,3 +415,14 @@ def test_a_fifo_given_as_a_spec_is_refused_not_read(tmp_path, capsys, monkeypatc
     argv = ["sweep", "--model", "tiny-bert", "--data", data, "--specs", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "not regular files: spec.yaml" in capsys.readouterr().err
+
+
+def test_export_of_an_nf4_adapter_without_bitsandbytes_names_the_extra(tmp_path, capsys, monkeypatch) -> None:
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "plan.json").write_text(json.dumps({"format_version": 1, "spec": {"factorization": "mpo", "residual": "nf4"}}))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert main(["export", str(ad), "--to", "merged", "--model", "tiny-llama", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "(an adapter with NF4 weights) needs the optional package 'bitsandbytes'" in err
+    assert "pip install 'tensadapt[quant]'" in err

@@ -175,6 +175,11 @@ def run_export(args: argparse.Namespace) -> int:
     from ..io import load_adapter, read_plan_file
 
     saved = read_plan_file(src)
+    recorded = saved.get("spec")
+    if isinstance(recorded, dict) and "nf4" in (recorded.get("base"), recorded.get("residual")):
+        from ..deps import require
+
+        require("bitsandbytes", f"{src} (an adapter with NF4 weights)")
     trained = _trained_head(saved, src)  # default to the head the adapter was trained with
     _check_family(saved, src, args.model)
     model_class = args.model_class or trained[0]
