@@ -162,7 +162,7 @@ class Enumeration:
 
     def write_specs(self, directory: str | Path) -> list[Path]:
         """Write one spec YAML per row to ``directory`` (created), named :attr:`Row.filename`."""
-        from .io import _write_text
+        from .io import atomic_write
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -176,12 +176,17 @@ class Enumeration:
                 f"--model {self.model}\n"
             )
             path = out / r.filename
-            _write_text(path, note + spec_to_yaml(r.spec))
+            atomic_write(path, _text_writer(note + spec_to_yaml(r.spec)))
             paths.append(path)
         return paths
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _text_writer(text: str) -> Callable[[str], object]:
+    """A writer for :func:`~tensadapt.io.atomic_write` that writes ``text`` as UTF-8."""
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
 
 
 def parse_budget_of(text: str) -> int:
@@ -546,6 +551,9 @@ def load_rows_from_dir(directory: str | Path) -> list[tuple[str, AdapterSpec]]:
     if not d.is_dir():
         raise EnumerateError(f"--specs: {d}: no such directory")
     files = sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
+    odd = [f.name for f in files if not f.is_file()]
+    if odd:  # a FIFO would block the reader forever
+        raise EnumerateError(f"--specs: {d}: not regular files: {', '.join(odd)}")
     if not files:
         raise EnumerateError(f"--specs: {d}: no *.yaml spec files")
     return [(f.stem, load_spec(f)) for f in files]

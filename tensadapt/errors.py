@@ -90,3 +90,33 @@ class NonFiniteError(TensadaptError, FloatingPointError):
         super().__init__(message)
         self.step = step
         self.names = names
+
+
+class DivergenceError(TensadaptError, FloatingPointError):
+    """The training loss exploded (finite, but far above where it started); names step and loss.
+
+    Attributes:
+        step: the optimizer step whose loss crossed the limit.
+        loss: that loss.
+        limit: the limit it crossed (see :class:`tensadapt.numerics.DivergenceCallback`).
+    """
+
+    def __init__(self, message: str, step: int, loss: float, limit: float) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+        self.limit = limit
+
+
+class MissingDependencyError(TensadaptError, ImportError):
+    """An optional package a feature needs is not installed; the message gives the pip line.
+
+    Attributes:
+        package: the missing import name (e.g. ``datasets``).
+        extra: the tensadapt extra that installs it (e.g. ``hf``).
+    """
+
+    def __init__(self, message: str, package: str, extra: str) -> None:
+        super().__init__(message)
+        self.package = package
+        self.extra = extra

@@ -9,7 +9,7 @@ the shape, dtype and SHA-256 of every tensor. A save is all-or-nothing:
   directory holds exactly the old adapter or exactly the new one (the readable
   ``adapter_config.json`` is renamed into place right after; a load that finds it stale — a crash
   between the two renames — uses the committed copy and says so).
-- Saves to one directory are serialised by an exclusive lock (``.tensadapt.lock``), so concurrent
+- Saves to one directory are serialised by an exclusive lock (``.tensadapt-save.lock``), so concurrent
   saves never mix files; under that lock a save first removes temporary files that killed saves
   left behind.
 - A failed write (disk full, a kill) leaves the previous adapter untouched; files are created with
@@ -49,7 +49,7 @@ from .spec import load_spec
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
-LOCK_FILE = ".tensadapt.lock"
+LOCK_FILE = ".tensadapt-save.lock"
 #: tensadapt 0.1's files (still read)
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.json"
@@ -156,9 +156,6 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-_write_text = write_text  # the name tensadapt.train used
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -423,6 +420,8 @@ def _legacy_config(d: Path, meta: Mapping[str, str]) -> dict[str, Any]:
         spec = load_spec(meta["spec"], source_name=f"{d / ADAPTER_FILE} (embedded spec)")
     elif (d / SPEC_FILE).is_file():
         spec = load_spec(d / SPEC_FILE)
+    elif isinstance(saved.get("spec"), dict):
+        spec = load_spec(saved["spec"], source_name=f"{d / PLAN_FILE} (spec)")
     else:
         raise AdapterMismatchError(f"{d}: not a complete tensadapt adapter (no {SPEC_FILE})")
     targets = {
@@ -701,9 +700,6 @@ def load_base_model(
         raise AdapterMismatchError(f"cannot build {name} from {model!r}: {exc}") from exc
     return built.eval()  # type: ignore[no-any-return]
 
-
-#: tensadapt 0.1's name for :func:`read_config`
-read_plan_file = read_config
 
 __all__ = [
     "ADAPTER_FILE",

@@ -10,6 +10,8 @@ Use it from any loop::
         opt.step(); opt.zero_grad()
 
 or with the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[FiniteCheckCallback()])``.
+:class:`DivergenceCallback` stops a run whose loss explodes while staying finite (its docstring
+defines "explodes"); ``tensadapt train`` adds both callbacks to every run.
 
 Documented tolerances of reduced-precision forwards (checked by ``tests/test_numerics.py``): the
 adapter update computed with factors and inputs in bfloat16 stays within :data:`TOLERANCES`
@@ -26,8 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .errors import NonFiniteError
+from .errors import DivergenceError, NonFiniteError
 
 #: relative Frobenius error of a reduced-precision adapter update against float32
 TOLERANCES: dict[str, float] = {"bfloat16": 3e-2, "float16": 5e-3}
@@ -118,21 +121,13 @@ def check_finite(model: nn.Module, step: int | None = None, *, grads: bool = Fal
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """``‖got − want‖_F / ‖want‖_F`` computed in float64 (0 when both are zero)."""
-    g, w = got.double(), want.double()
+    g, w = got.detach().double(), want.detach().double()
     den = float(w.norm())
     num = float((g - w).norm())
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def _callback_base() -> type:
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return object
-    return TrainerCallback  # type: ignore[no-any-return]
-
-
-class FiniteCheckCallback(_callback_base()):  # type: ignore[misc]
+class FiniteCheckCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that stops training with a clear error on NaN/inf.
 
     After every ``every``-th optimizer step (``on_step_end``) it checks the adapter's factors and
@@ -152,7 +147,9 @@ class FiniteCheckCallback(_callback_base()):  # type: ignore[misc]
         self.every = every
         self.grads = grads
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         model = kwargs.get("model")
         if self.grads and model is not None:
             step = int(getattr(state, "global_step", 0)) + 1
@@ -160,7 +157,9 @@ class FiniteCheckCallback(_callback_base()):  # type: ignore[misc]
                 check_finite(model, step, grads=True)
         return control
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         model = kwargs.get("model")
         step = int(getattr(state, "global_step", 0))
         if model is not None and step % self.every == 0:
@@ -168,8 +167,84 @@ class FiniteCheckCallback(_callback_base()):  # type: ignore[misc]
         return control
 
 
+class DivergenceCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that stops training when the loss explodes.
+
+    NaN and inf are not the only way a run fails: with too high a learning rate the loss can
+    climb to 1e6 and stay finite. "Explodes" is defined relative to where the run started:
+
+    - the *reference* is the larger of the first logged training loss and ``chance_loss`` (the
+      loss of a uniform guess: ``ln(num_labels)`` for classification, ``ln(vocab_size)`` for
+      causal LM), so a run that starts unusually well is not held to a tiny bound;
+    - a logged loss above ``factor × reference`` (default 10: for a 2-class task, a mean loss
+      above 6.9, i.e. the right class given about 0.1 % probability) raises
+      :class:`~tensadapt.errors.DivergenceError` naming the step, the loss and the limit;
+    - a NaN or inf logged loss raises :class:`~tensadapt.errors.NonFiniteError`.
+
+    The check runs on every log (``logging_steps=1`` in ``tensadapt train``: every optimizer
+    step), before anything is saved, so a diverged run leaves no ``metrics.json``.
+
+    Args:
+        factor: how many times the reference a loss may reach (> 1).
+        chance_loss: the uniform-guess loss of the task (``None``: the first loss alone).
+    """
+
+    def __init__(self, factor: float = 10.0, chance_loss: float | None = None) -> None:
+        if not factor > 1:
+            raise ValueError(f"factor must be > 1, got {factor}")
+        self.factor = factor
+        self.chance_loss = chance_loss
+        self.reference: float | None = None
+
+    @property
+    def limit(self) -> float | None:
+        """The loss above which training stops (``None`` before the first logged loss)."""
+        return None if self.reference is None else self.factor * self.reference
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        self.reference = None
+        return control
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        if not logs or "loss" not in logs:
+            return control
+        loss = float(logs["loss"])
+        step = int(getattr(state, "global_step", 0))
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"the training loss is {loss} at step {step}. Lower the learning rate, use "
+                "gradient clipping, or train in float32",
+                step=step,
+                names=("loss",),
+            )
+        if self.reference is None:
+            self.reference = max(loss, self.chance_loss or 0.0)
+            return control
+        limit = self.factor * self.reference
+        if loss > limit:
+            raise DivergenceError(
+                f"training diverged at step {step}: loss {loss:.4g} is above {limit:.4g} "
+                f"({self.factor:g} x the reference loss {self.reference:.4g}). Lower the "
+                "learning rate (--lr) or warm up longer",
+                step=step,
+                loss=loss,
+                limit=limit,
+            )
+        return control
+
+
 __all__ = [
     "TOLERANCES",
+    "DivergenceCallback",
     "FiniteCheckCallback",
     "check_finite",
     "find_nonfinite",

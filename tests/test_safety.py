@@ -160,7 +160,7 @@ def test_saved_adapter_is_safetensors_and_text_only(tmp_path: Path) -> None:
     ta.inject(model, {"factorization": "cp", "modes": ["qkv", "depth"], "rank": 2})
     d = ta.save_adapter(model, tmp_path / "a")
     assert sorted(p.name for p in d.iterdir()) == [
-        ".tensadapt.lock",
+        ".tensadapt-save.lock",
         "adapter.safetensors",
         "adapter_config.json",
     ]

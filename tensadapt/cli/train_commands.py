@@ -1,0 +1,242 @@
+"""Training commands: ``train``, ``sweep``, ``demo`` (data and training flags shared)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from ..train.options import arg_type
+from .adapter_commands import add_enumerate_options, enumeration
+from .base import UsageError, encoding, existing_file
+
+if TYPE_CHECKING:
+    from ..train.data import DataOptions
+    from ..train.options import TrainOptions
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=True,
+        metavar="TRAIN",
+        help="training data: .tsv/.csv/.jsonl with a text and an integer label column "
+        "(classification), a .txt file (causal LM), or hf:NAME[:CONFIG][@SPLIT] (needs the "
+        "[hf] extra and the hub)",
+    )
+    g.add_argument("--eval", metavar="DEV", default=None, help="evaluation data, same format")
+    g.add_argument("--text-column", default="sentence", help="text column (default: sentence)")
+    g.add_argument("--label-column", default="label", help="label column (default: label)")
+    g.add_argument(
+        "--task",
+        choices=("auto", "classification", "causal-lm"),
+        default="auto",
+        help="auto (default): a .txt file is causal LM, anything else classification",
+    )
+    g.add_argument(
+        "--encoding",
+        type=encoding,
+        default="utf-8",
+        help="text encoding of the data files (default utf-8; a byte-order mark is skipped)",
+    )
+    g.add_argument(
+        "--max-length",
+        type=arg_type("max_length"),
+        default=128,
+        help="tokens per example/block (default 128)",
+    )
+    g.add_argument(
+        "--max-train",
+        type=arg_type("max_train"),
+        default=None,
+        help="use the first N training rows",
+    )
+    g.add_argument(
+        "--max-eval",
+        type=arg_type("max_eval"),
+        default=None,
+        help="use the first N evaluation rows",
+    )
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (transformers Trainer)")
+    g.add_argument(
+        "--epochs", type=arg_type("epochs"), default=1.0, help="passes over the data (default 1)"
+    )
+    g.add_argument(
+        "--max-steps",
+        type=arg_type("max_steps"),
+        default=None,
+        help="optimizer steps; overrides --epochs",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=arg_type("batch_size"),
+        default=16,
+        help="examples per step (default 16)",
+    )
+    g.add_argument(
+        "--grad-accum", type=arg_type("grad_accum"), default=1, help="gradient accumulation steps"
+    )
+    g.add_argument(
+        "--lr",
+        type=arg_type("lr"),
+        default=1e-3,
+        help="peak learning rate (default 1e-3, at most 1)",
+    )
+    g.add_argument(
+        "--weight-decay", type=arg_type("weight_decay"), default=0.0, help="AdamW weight decay"
+    )
+    g.add_argument(
+        "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="(fp16: GPU only)"
+    )
+    g.add_argument("--threads", type=arg_type("threads"), default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _data_options(args: argparse.Namespace) -> DataOptions:
+    from ..train.data import DataOptions
+
+    return DataOptions(
+        text_column=args.text_column,
+        label_column=args.label_column,
+        task=args.task,
+        max_length=args.max_length,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        encoding=args.encoding,
+    )
+
+
+def _train_options(args: argparse.Namespace, seed: int = 0) -> TrainOptions:
+    from ..train.options import TrainOptions
+
+    return TrainOptions(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=seed,
+        mixed_precision=args.mixed_precision,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="spec YAML file")
+    p.add_argument(
+        "--model", "-m", required=True, help="preset name or local model directory (no downloads)"
+    )
+    _add_data_options(p)
+    _add_train_options(p)
+    p.add_argument(
+        "--seed", type=arg_type("seed"), default=0, help="seed of weights, adapter init, data order"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="write the adapter, spec and metrics.json here (new, empty, or an earlier run's)",
+    )
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..spec import load_spec
+    from ..train.encode import prepare
+    from ..train.outdir import RUN_FILES, check_output_dir
+    from ..train.trainer import check_device, check_spec_dependencies, train
+
+    spec = load_spec(existing_file(args.spec))
+    check_spec_dependencies(spec)
+    opts, data_opts = _train_options(args, args.seed), _data_options(args)
+    check_device(opts)
+    if args.out is not None:
+        check_output_dir(args.out, RUN_FILES)  # before reading data; claimed before building
+    prepared = prepare(args.model, args.data, args.eval, data_opts)
+    print(f"tokenizer: {prepared.tokenizer_source}")
+    metrics = train(spec, prepared, opts, out=args.out)
+    if args.out:
+        print(f"wrote the adapter, resolved spec and metrics.json to {args.out}")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "-m", required=True, help="preset name or local model directory (no downloads)"
+    )
+    _add_data_options(p)
+    add_enumerate_options(p)
+    p.add_argument("--specs", metavar="DIR", default=None, help="train the *.yaml specs in DIR")
+    p.add_argument(
+        "--seeds", type=arg_type("seeds"), default=3, help="seeds per configuration (0..N-1)"
+    )
+    _add_train_options(p)
+    p.add_argument(
+        "--out", metavar="DIR", required=True, help="sweep directory (new, empty, or a sweep's)"
+    )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from ..enumerate import load_rows_from_dir
+    from ..train.encode import prepare
+    from ..train.outdir import SWEEP_FILES, check_output_dir
+    from ..train.sweeps import sweep
+    from ..train.trainer import check_device, check_spec_dependencies
+
+    if args.specs:
+        if args.rank or args.budget_of or args.params or args.cap_ranks or args.factorizations:
+            raise UsageError("sweep: give either --specs DIR or enumerate options, not both")
+        specs = load_rows_from_dir(args.specs)
+    else:
+        specs = [(r.name, r.spec) for r in enumeration(args).rows]
+    for _, one in specs:
+        check_spec_dependencies(one)
+    opts, data_opts = _train_options(args), _data_options(args)
+    check_device(opts)
+    check_output_dir(args.out, SWEEP_FILES)
+    prepared = prepare(args.model, args.data, args.eval, data_opts)
+    print(
+        f"sweep: {len(specs)} configuration(s) x {args.seeds} seed(s) on {args.model}; "
+        f"tokenizer: {prepared.tokenizer_source}"
+    )
+    res = sweep(specs, prepared, args.out, seeds=range(args.seeds), opts=opts)
+    for s in res.summary:
+        print(
+            f"  {s['spec']:<28} {s['params']:>10,}  {s['metric']} {s['mean']:.4f} "
+            f"± {s['std']:.4f} (n={s['n']})"
+        )
+    if res.pareto_png:
+        print(f"plot: {res.pareto_png}")
+    if res.failed:
+        print(f"tensadapt: {len(res.failed)} run(s) failed:", file=sys.stderr)
+        for run, why in res.failed:
+            print(f"  - {run}: {why}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--steps", type=arg_type("steps"), default=60, help="training steps (default 60)"
+    )
+    p.add_argument("--seed", type=arg_type("seed"), default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=arg_type("threads"), default=None, help="torch CPU threads")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ..train.demo import run_demo as demo
+
+    demo(steps=args.steps, seed=args.seed, threads=args.threads)
+    return 0
+
+
+#: every command, in ``--help`` order: the one table the parser is built from

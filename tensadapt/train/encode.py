@@ -1,0 +1,131 @@
+"""Check the data, get a tokenizer, tokenise both splits once: :func:`prepare` (a sweep reuses it).
+
+No model is built here: every data problem is found before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .data import DataError, DataOptions, Split, TaskData, load_task_data
+from .models import check_task_model, is_local_model, load_model_config
+from .tokenizer import tokenizer_kind, train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+#: one tokenised example: ``input_ids``, ``attention_mask`` (lists of ints) and ``labels``
+#: (an int for classification, a list of token ids for causal LM)
+Example = dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """Tokenised data and what the model needs, shared by every run of a sweep."""
+
+    model: str
+    config: Any
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    num_labels: int
+    train: list[Example]
+    eval: list[Example] | None
+    data: TaskData
+    tokenizer_source: str
+
+
+def prepare(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    eval_data: str | os.PathLike[str] | None = None,
+    opts: DataOptions | None = None,
+) -> Prepared:
+    """Check the data, get a tokenizer and tokenise both splits (no model is built yet).
+
+    The model's own tokenizer for a local model directory; for a preset, a tokenizer trained on
+    the training texts (:func:`~tensadapt.train.tokenizer.train_tokenizer`). Examples are cut at
+    ``opts.max_length`` tokens (and at the model's position limit).
+
+    Raises:
+        DataError: bad data (see :func:`~tensadapt.train.data.load_task_data`), or a
+            ``max_length`` that leaves no room for text, before any model is touched.
+        ArchitectureError: ``model`` is neither a preset nor a local model directory, or has no
+            model for the task (a vision model for text classification).
+    """
+    opts = opts or DataOptions()
+    td = load_task_data(data, eval_data, opts)
+    config = load_model_config(model)
+    check_task_model(model, config, td.task)
+    if is_local_model(model):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+        source = f"{model} (the model's own)"
+    else:
+        texts = td.train.texts
+        tokenizer = train_tokenizer(config, texts)
+        source = (
+            f"{tokenizer_kind(config)}, {len(tokenizer):,} tokens, trained on the "
+            f"{len(texts):,} training texts"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
+    limit = opts.max_length if not max_pos else min(opts.max_length, max_pos - 2)
+    if td.task == "causal-lm":
+        if limit < 2:
+            raise DataError(f"--max-length {limit}: a causal-LM block needs at least 2 tokens")
+        train = lm_blocks(tokenizer, td.train.texts, limit)
+        ev = lm_blocks(tokenizer, td.eval.texts, limit) if td.eval else None
+        for split, blocks in ((td.train, train), (td.eval, ev)):
+            if split is not None and not blocks:
+                raise DataError(
+                    f"{'--data' if split is td.train else '--eval'} {split.source}: too little "
+                    f"text for one block of {limit} tokens (lower --max-length?)"
+                )
+    else:
+        specials = int(tokenizer.num_special_tokens_to_add())
+        if limit <= specials:
+            raise DataError(
+                f"--max-length {limit}: leaves no room for text (the tokenizer adds {specials} "
+                "special tokens to every example)"
+            )
+        train = encode_split(tokenizer, td.train, limit)
+        # evaluation order does not change accuracy or mean loss; by length it pads far less
+        ev = (
+            sorted(encode_split(tokenizer, td.eval, limit), key=lambda x: len(x["input_ids"]))
+            if td.eval
+            else None
+        )
+    return Prepared(str(model), config, tokenizer, td.task, td.num_labels, train, ev, td, source)
+
+
+def encode_split(
+    tokenizer: PreTrainedTokenizerBase, split: Split, max_length: int
+) -> list[Example]:
+    """Classification examples: token ids cut at ``max_length``, with their integer labels."""
+    enc = tokenizer(split.texts, truncation=True, max_length=max_length)
+    assert split.labels is not None
+    return [
+        {"input_ids": ids, "attention_mask": am, "labels": lab}
+        for ids, am, lab in zip(enc["input_ids"], enc["attention_mask"], split.labels, strict=True)
+    ]
+
+
+def lm_blocks(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block: int
+) -> list[Example]:
+    """Causal-LM examples: the texts concatenated (EOS between them), cut into full blocks."""
+    ids: list[int] = []
+    for ids_line in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(ids_line)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    out = []
+    for start in range(0, len(ids) - block + 1, block):
+        chunk = ids[start : start + block]
+        out.append({"input_ids": chunk, "attention_mask": [1] * block, "labels": list(chunk)})
+    return out

@@ -1,0 +1,182 @@
+"""How to train (:class:`TrainOptions`) and the range of every numeric option, checked in one place.
+
+:data:`BOUNDS` is the single table of ranges: :class:`TrainOptions` and
+:class:`~tensadapt.train.data.DataOptions` check themselves against it when built (from Python,
+from the command line, or later from a spec's ``training:`` section), and the command line's
+parser uses it for its ``type=`` functions, so ``--grad-accum 0`` is refused by name before
+anything is read or built. This module imports nothing heavy (the CLI's ``--help`` loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import TensadaptError
+
+#: the largest seed every library in the loop accepts (numpy's legacy seeding: < 2**32)
+MAX_SEED = 2**32 - 1
+MIXED_PRECISION: tuple[str, ...] = ("no", "bf16", "fp16")
+
+
+class OptionError(TensadaptError, ValueError):
+    """A training option out of range; the message names the option and its flag."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of one numeric option.
+
+    Attributes:
+        kind: ``int`` or ``float``.
+        lo: smallest value (excluded when ``lo_open``).
+        hi: largest value.
+        why: said when ``hi`` is exceeded (why larger values are refused).
+    """
+
+    kind: type
+    lo: float
+    hi: float
+    lo_open: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        lo = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        return f"{'an integer' if self.kind is int else 'a number'} {lo} and <= {self.hi:g}"
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``None`` when it is in range)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"must be {self.describe()}, got {value!r}"
+        if self.kind is int and not isinstance(value, numbers.Integral):
+            return f"must be {self.describe()}, got {value!r}"
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond any float
+            return f"must be {self.describe()}, got an integer of more than 300 digits"
+        if not math.isfinite(x):
+            return f"must be a finite number, got {value!r}"
+        low = x <= self.lo if self.lo_open else x < self.lo
+        if low or x > self.hi:
+            why = f" ({self.why})" if x > self.hi and self.why else ""
+            return f"must be {self.describe()}, got {x:g}{why}"
+        return None
+
+
+#: option name (a field of TrainOptions or DataOptions) -> its range
+BOUNDS: dict[str, Bound] = {
+    "epochs": Bound(float, 0, 10_000, lo_open=True),
+    "max_steps": Bound(int, 1, 10**9),
+    "batch_size": Bound(int, 1, 1 << 20),
+    "eval_batch_size": Bound(int, 1, 1 << 20),
+    "grad_accum": Bound(int, 1, 1 << 16),
+    "lr": Bound(
+        float, 0, 1.0, lo_open=True, why="a learning rate above 1 only diverges with AdamW"
+    ),
+    "weight_decay": Bound(float, 0, 1.0),
+    "warmup_ratio": Bound(float, 0, 0.99),
+    "seed": Bound(int, 0, MAX_SEED),
+    "threads": Bound(int, 1, 4096),
+    "max_length": Bound(int, 1, 1 << 20),
+    "max_train": Bound(int, 1, 10**12),
+    "max_eval": Bound(int, 1, 10**12),
+    "seeds": Bound(int, 1, 1000),
+    "steps": Bound(int, 1, 10**9),
+    "rank": Bound(int, 1, 1 << 20),
+    "params": Bound(int, 1, 10**13),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option: ``grad_accum`` -> ``--grad-accum``."""
+    return "--" + name.replace("_", "-")
+
+
+def check(obj: Any, error: type[TensadaptError]) -> None:
+    """Check every bounded, non-``None`` field of a dataclass; raise ``error`` naming each problem."""
+    problems = []
+    for f in fields(obj):
+        bound = BOUNDS.get(f.name)
+        value = getattr(obj, f.name)
+        if bound is not None and value is not None:
+            p = bound.problem(value)
+            if p:
+                problems.append(f"{f.name} ({flag(f.name)}) {p}")
+    if problems:
+        raise error("; ".join(problems))
+
+
+def arg_type(name: str) -> Callable[[str], int | float]:
+    """An argparse ``type=`` function parsing and range-checking option ``name`` (see BOUNDS).
+
+    A refused value exits 2 with ``argument --NAME: must be ..., got ...``: argparse names the flag.
+    """
+    bound = BOUNDS[name]
+
+    def parse(text: str) -> int | float:
+        try:
+            value: int | float = bound.kind(text.strip())
+        except ValueError:  # also integers of more than 4,300 digits
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise argparse.ArgumentTypeError(f"must be {bound.describe()}, got {shown!r}") from None
+        problem = bound.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name  # argparse shows it in "invalid <name> value" messages
+    return parse
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train (every field is range-checked against :data:`BOUNDS` when built).
+
+    Attributes:
+        epochs: passes over the training data (ignored when ``max_steps`` is set).
+        max_steps: optimizer steps; overrides ``epochs`` (``None``: train ``epochs``).
+        batch_size: examples per device step; ``grad_accum`` steps make one optimizer step.
+        eval_batch_size: examples per evaluation step.
+        lr: peak learning rate (linear warm-up over ``warmup_ratio`` of the steps, then decay).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the steps spent warming the learning rate up.
+        grad_accum: batches accumulated into one optimizer step.
+        seed: seeds the base model's random weights / new head, the adapter init and data order.
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (fp16 needs a GPU).
+        threads: torch CPU threads (``None``: leave as is).
+        progress: show the progress bar.
+        divergence_factor: stop with :class:`~tensadapt.errors.DivergenceError` when a step's
+            loss exceeds this many times its reference (see
+            :class:`~tensadapt.numerics.DivergenceCallback`); ``None`` disables the check.
+
+    Raises:
+        OptionError: a value out of range (every problem named, with its flag).
+    """
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+    threads: int | None = None
+    progress: bool = True
+    divergence_factor: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        check(self, OptionError)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise OptionError(
+                f"mixed_precision (--mixed-precision) must be one of {', '.join(MIXED_PRECISION)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise OptionError(f"divergence_factor must be > 1, got {self.divergence_factor!r}")
