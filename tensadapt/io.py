@@ -24,15 +24,12 @@ Directories written by tensadapt 0.1 (``spec.yaml`` + ``plan.json``) still load.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import stat
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import AdapterMismatchError, TensadaptError
+from .atomic import AdapterSaveError, atomic_write, clean_temp_files, fsync_dir, locked, write_text
+from .errors import AdapterMismatchError
 from .model import DEFAULT_ADAPTER, attach, hub_of, saved_modules
 from .nn import factor_items
 from .spec import load_spec
@@ -60,10 +58,6 @@ FORMAT_VERSION = 2
 MAX_JSON_BYTES = 16 * 2**20
 #: the largest label count a config may ask a head to have
 MAX_LABELS = 100_000
-
-
-class AdapterSaveError(TensadaptError, OSError):
-    """A save could not complete (disk full, permissions); the previous adapter is intact."""
 
 
 # -- the config ----------------------------------------------------------------------------------
@@ -105,76 +99,6 @@ def _config_error(err: ValidationError, source: str) -> AdapterMismatchError:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on ``directory`` for the duration of a save."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (same directory).
-
-    The temporary file is flushed to disk before the rename and removed on any failure; the
-    final file gets the mode the umask gives (``mkstemp`` would leave it ``0600``).
-
-    Raises:
-        AdapterSaveError: the write failed (the old ``path`` is untouched).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as exc:
-        # safetensors reports a full disk as its own error ("... os error 28")
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in str(exc)
-        what = "disk full" if full else getattr(exc, "strerror", None) or str(exc)
-        raise AdapterSaveError(
-            f"{path}: could not be written ({what}); the previous file is intact"
-        ) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _clean_temp_files(directory: Path) -> None:
-    """Remove what killed saves left behind (only called under the directory's save lock)."""
-    for name in (ADAPTER_FILE, CONFIG_FILE, SPEC_FILE, PLAN_FILE):
-        for f in directory.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                f.unlink()
-
-
 def sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (contiguous, on the CPU)."""
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
@@ -261,14 +185,14 @@ def save_adapter(
         "config": text,
         "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    with _locked(out):
-        _clean_temp_files(out)
+    with locked(out, LOCK_FILE):
+        clean_temp_files(out, (ADAPTER_FILE, CONFIG_FILE, SPEC_FILE, PLAN_FILE))
         atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
         write_text(out / CONFIG_FILE, text)
         for old in (SPEC_FILE, PLAN_FILE):  # a 0.1 adapter saved over
             with contextlib.suppress(FileNotFoundError):
                 (out / old).unlink()
-        _fsync_dir(out)
+        fsync_dir(out)
     return out
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import PlanError, TensadaptError
 from .executor import Frame
+from .heads import NewModulesWarning, new_modules, with_new_modules
 from .nn import Adapted, AdaptedExperts, AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
 from .planner import Plan, TargetPlan, plan
 from .spec import AdapterSpec, load_spec
@@ -47,10 +48,6 @@ HUB_ATTR = "tensadapt_adapters"
 DEFAULT_ADAPTER = "default"
 
 SpecLike = AdapterSpec | Plan | Mapping[str, Any] | str | os.PathLike[str]
-
-
-class NewModulesWarning(UserWarning):
-    """Modules the checkpoint did not have (a new head) are trained and saved with the adapter."""
 
 
 # -- in place ------------------------------------------------------------------------------------
@@ -80,61 +77,6 @@ def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]
 
 
-def new_modules(model: nn.Module) -> list[str]:
-    """Modules whose weights ``from_pretrained`` initialised fresh (not in the checkpoint): a new
-    classifier or LM head. For a model built from a config (nothing loaded), the task heads
-    outside the backbone whose output width is ``config.num_labels`` (classification heads)."""
-    params = dict(model.named_parameters())
-    loaded = any(getattr(p, "_is_hf_initialized", False) for p in params.values())
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    has_backbone = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
-
-    def owner(name: str) -> str:
-        parts = name.split(".")
-        if has_backbone and parts[0] == prefix:
-            return ".".join(parts[:2])
-        return parts[0]
-
-    found: dict[str, None] = {}
-    if loaded:
-        for name, p in params.items():
-            if not getattr(p, "_is_hf_initialized", False) and not name.startswith(HUB_ATTR):
-                found[owner(name)] = None
-        return list(found)
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if not has_backbone or not isinstance(num_labels, int):
-        return []
-    backbone = {id(p) for p in getattr(model, prefix).parameters()}
-    for name, mod in model.named_children():
-        if name in (prefix, HUB_ATTR):
-            continue
-        linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
-        own = [p for p in mod.parameters() if id(p) not in backbone]
-        if own and linears and linears[-1].out_features == num_labels:
-            found[name] = None
-    return list(found)
-
-
-def _with_new_modules(spec: AdapterSpec, model: nn.Module, targeted: set[str]) -> AdapterSpec:
-    """``spec`` with the model's fresh modules added to ``modules_to_save`` (and a warning)."""
-    fresh = [
-        n
-        for n in new_modules(model)
-        if not any(n == s or n.endswith("." + s) for s in spec.modules_to_save)
-        and not any(t == n or t.startswith(n + ".") for t in targeted)
-    ]
-    if not fresh:
-        return spec
-    warnings.warn(
-        f"{', '.join(fresh)}: newly initialised (not in the checkpoint) and not in the spec's "
-        "modules_to_save; tensadapt trains them and saves them with the adapter. Name them in "
-        "modules_to_save to silence this.",
-        NewModulesWarning,
-        stacklevel=3,
-    )
-    return spec.model_copy(update={"modules_to_save": (*spec.modules_to_save, *fresh)})
-
-
 def attach(
     model: nn.Module,
     spec: SpecLike,
@@ -152,7 +94,7 @@ def attach(
         name: the adapter's name.
         seed: seed of the factors' initialisation (``None``: torch's global RNG).
         detect_new_modules: add modules ``from_pretrained`` initialised fresh (a new head) to
-            ``modules_to_save`` (see :func:`new_modules`).
+            ``modules_to_save`` (see :func:`tensadapt.heads.new_modules`).
     Returns:
         the new :class:`TensorAdapter`.
     Raises:
@@ -169,7 +111,7 @@ def attach(
     paths = arch_mod.resolve_modules(model, arch)
     if detect_new_modules:
         targeted = {paths[(t.layer, t.proj)] for t in p.targets}
-        s2 = _with_new_modules(p.spec, model, targeted)
+        s2 = with_new_modules(p.spec, model, targeted)
         if s2 is not p.spec:
             p = plan(s2, model)
     rewrites = p.spec.init != "zeros" and _is_pretrained_init(p.spec.init)
