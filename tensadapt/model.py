@@ -37,8 +37,9 @@ from torch import nn
 
 from .errors import PlanError, TensadaptError
 from .executor import Frame
+from .experts import AdaptedExperts
 from .heads import NewModulesWarning, new_modules, with_new_modules
-from .nn import Adapted, AdaptedExperts, AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
+from .nn import Adapted, AdaptedLinear, AdapterHub, SavedModule, TensorAdapter
 from .planner import Plan, TargetPlan, plan
 from .spec import AdapterSpec, load_spec
 

@@ -14,8 +14,8 @@ from tiny_models import build, model_inputs, outputs, tiny_config
 
 import tensadapt as ta
 from tensadapt.executor import Executor
+from tensadapt.experts import AdaptedExperts
 from tensadapt.model import TensadaptModel
-from tensadapt.nn import AdaptedExperts
 
 EXPERT_TARGETS = ["expert_gate", "expert_up", "expert_down"]
 
