@@ -18,3 +18,14 @@ def test_every_module_is_on_the_map_and_the_map_names_only_modules() -> None:
     stale = sorted(set(listed) - set(actual))
     assert not missing, f"modules missing from docs/architecture.md: {missing}"
     assert not stale, f"docs/architecture.md lists modules that do not exist: {stale}"
+
+
+def test_reliability_table_names_tests_that_exist() -> None:
+    """docs/reliability.md points at tests: every file and test it names exists."""
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    files = set(re.findall(r"`(tests/[\w/]+\.py)", text))
+    assert files, "the table names no tests"
+    for f in files:
+        assert (ROOT / f).is_file(), f
+    for f, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)", text):
+        assert re.search(rf"^def {name}\(", (ROOT / f).read_text(), flags=re.MULTILINE), (f, name)
