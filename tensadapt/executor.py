@@ -16,10 +16,11 @@ module computes its own targets' ``P`` slices: the same values, without the shar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
+from torch import nn
 
 from . import contract, fused
 from .costs import TOKENS
@@ -27,6 +28,8 @@ from .planner import TargetPlan
 
 if TYPE_CHECKING:
     from .nn import TensorAdapter
+
+V = TypeVar("V")
 
 #: how many recent inputs a frame keeps dropout masks for (q, k, v of one layer share one input)
 _MASKS = 8
@@ -44,7 +47,7 @@ class Frame:
     __slots__ = ("inputs", "masks", "memo")
 
     def __init__(self) -> None:
-        self.memo: dict[Any, Any] = {}
+        self.memo: dict[Hashable, object] = {}
         self.inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -58,11 +61,11 @@ class Frame:
         self.inputs[key] = (x, value)
         return value
 
-    def value(self, key: Any, make: Callable[[], Any]) -> Any:
+    def value(self, key: Hashable, make: Callable[[], V]) -> V:
         """``make()``, once per key and frame."""
         if key not in self.memo:
             self.memo[key] = make()
-        return self.memo[key]
+        return cast(V, self.memo[key])
 
 
 def _grad() -> bool:
@@ -106,7 +109,7 @@ class _Batched:
         cols = math.prod(sizes[leg] for leg in keep[n_rows:])
         self.shape = (math.prod(self.stack_sizes), rows, cols)
 
-    def __call__(self, params: Any, scale: float) -> tuple[torch.Tensor, ...]:
+    def __call__(self, params: nn.ParameterDict, scale: float) -> tuple[torch.Tensor, ...]:
         ops = [params[n] for n in self.names]
         if scale != 1.0:
             ops[self.smallest] = ops[self.smallest] * scale
@@ -127,14 +130,14 @@ class Executor:
 
     def __init__(self, ad: TensorAdapter) -> None:
         self.ad = ad
-        self._batched: dict[tuple[Any, ...], _Batched] = {}
-        self._own: dict[tuple[Any, ...], contract.Contraction] = {}
+        self._batched: dict[Hashable, _Batched] = {}
+        self._own: dict[Hashable, contract.Contraction] = {}
         self._groups: dict[tuple[int, int], list[tuple[str, tuple[TargetPlan, ...]]]] = {}
 
     # -- factor slices -----------------------------------------------------------------------
     def operands(self, t: TargetPlan, names: Sequence[str]) -> list[torch.Tensor]:
         """The target's slices of the named factors (views; stacked axes indexed away)."""
-        params: Any = self.ad.factors[t.tensor]
+        params = self.ad.params(t.tensor)
         sel = dict(t.selects)
         out = []
         for n in names:
@@ -166,9 +169,9 @@ class Executor:
         if frame is None:
             return self._own_side(t, side, scale)
         bat, key, idx = self._batched_for(t, side)
-        params = self.ad.factors[t.tensor]
+        params = self.ad.params(t.tensor)
         mats = frame.value(("P", key, _grad()), lambda: bat(params, scale))
-        return mats[idx]  # type: ignore[no-any-return]
+        return mats[idx]
 
     def _own_side(self, t: TargetPlan, side: str, scale: float) -> torch.Tensor:
         r = t.route
@@ -190,7 +193,7 @@ class Executor:
         rows = t.in_features if side == "in" else r.rank
         return run(*ops).reshape(rows, -1)
 
-    def _batched_for(self, t: TargetPlan, side: str) -> tuple[_Batched, Any, int]:
+    def _batched_for(self, t: TargetPlan, side: str) -> tuple[_Batched, Hashable, int]:
         """The batched contraction of a route side (built once), its key, and the target's
         position in its output."""
         r = t.route
@@ -221,14 +224,14 @@ class Executor:
         if ad.dropout_p == 0.0 or not ad.training:
             return x
         if frame is None:
-            return ad.dropout(x)  # type: ignore[no-any-return]
+            return ad.dropout(x)
         for seen, xd in frame.masks:
             if seen is x:
                 return xd
         xd = ad.dropout(x)
         frame.masks.append((x, xd))
         del frame.masks[:-_MASKS]
-        return xd  # type: ignore[no-any-return]
+        return xd
 
     def left(
         self, t: TargetPlan, kind: str, x: torch.Tensor, n: int, frame: Frame | None
@@ -254,7 +257,7 @@ class Executor:
             return self.side(t, "out", frame)
         if frame is None:
             return self.delta_slice(t)
-        return frame.value(("S", t.tensor, t.key, _grad()), lambda: self.delta_slice(t))  # type: ignore[no-any-return]
+        return frame.value(("S", t.tensor, t.key, _grad()), lambda: self.delta_slice(t))
 
     def stage_update(self, t: TargetPlan, x: torch.Tensor, frame: Frame | None) -> torch.Tensor:
         """The update on the opt_einsum stages (networks without a two-matrix route: MPO)."""

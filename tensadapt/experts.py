@@ -66,7 +66,7 @@ class AdaptedExperts(Adapted):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         found = self.active_targets()
         if found is None:
-            return self.base(hidden_states, *args, **kwargs)  # type: ignore[no-any-return]
+            return self.base(hidden_states, *args, **kwargs)
         ad, _ = found
         index, weights = _routing(args, kwargs)
         ex: Any = self.base

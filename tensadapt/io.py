@@ -42,7 +42,7 @@ from torch import nn
 from .atomic import AdapterSaveError, atomic_write, clean_temp_files, fsync_dir, locked, write_text
 from .errors import AdapterMismatchError
 from .model import DEFAULT_ADAPTER, attach, hub_of, saved_modules
-from .nn import factor_items
+from .nn import TensorAdapter, factor_items
 from .spec import load_spec
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -201,7 +201,7 @@ def _num_labels(model: nn.Module) -> int | None:
     return n if isinstance(n, int) and 1 <= n <= MAX_LABELS else None
 
 
-def _residual_record(ad: Any) -> dict[str, Any] | None:
+def _residual_record(ad: TensorAdapter) -> dict[str, Any] | None:
     rep = ad.init_report
     if rep is None:
         return None
@@ -246,7 +246,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     _regular(path, "the adapter's tensors")
     try:
-        with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
+        with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -622,7 +622,7 @@ def load_base_model(
         raise
     except (OSError, ValueError, TypeError) as exc:
         raise AdapterMismatchError(f"cannot build {name} from {model!r}: {exc}") from exc
-    return built.eval()  # type: ignore[no-any-return]
+    return built.eval()
 
 
 __all__ = [

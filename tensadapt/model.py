@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -252,7 +252,7 @@ def _dense(base: nn.Module) -> nn.Module:
     return to_dense() if to_dense is not None else base
 
 
-def _refuse_hf_save(*args: Any, **kwargs: Any) -> None:
+def _refuse_hf_save(*args: object, **kwargs: object) -> NoReturn:
     raise TensadaptError(
         "this model carries a tensadapt adapter: transformers' save_pretrained would write the "
         "wrapped weights under names from_pretrained does not know and drop the adapter. Save "
@@ -442,7 +442,7 @@ class TensadaptModel(nn.Module):
         """``base_model.generate`` with one frame for the whole generation (no gradients, the
         factors do not change, so the ``P`` matrices are built once)."""
         hub = hub_of(self.base_model)
-        generate: Any = self.base_model.generate
+        generate = getattr(self.base_model, "generate")  # noqa: B009  (a PreTrainedModel's)
         if hub is None or hub.frame is not None:
             return generate(*args, **kwargs)
         hub.frame = Frame()

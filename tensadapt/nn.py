@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,10 @@ from . import fused
 from .executor import Executor, Frame
 from .factorizations.base import default_init
 from .planner import Plan, TargetPlan
+
+if TYPE_CHECKING:
+    from .init import InitReport
+    from .registry import Initializer
 
 
 def initial_factors(
@@ -33,7 +37,7 @@ def initial_factors(
     with ``full=None``.
     """
     init = plan.spec.init
-    fn: Any = None
+    fn: Initializer | None = None
     if init != "zeros":
         from .init import is_pretrained
         from .plugins import initializer_registry
@@ -82,8 +86,14 @@ class TensorAdapter(nn.Module):
             )
         self.dropout_p = float(plan.spec.dropout)
         self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
-        self.init_report: Any = None  # tensadapt.init.InitReport, set by a pretrained init
+        self.init_report: InitReport | None = None  # set by a pretrained init
         self.executor = Executor(self)
+
+    def params(self, tensor: str) -> nn.ParameterDict:
+        """The factors of one tensor, by factor name."""
+        found = self.factors[tensor]
+        assert isinstance(found, nn.ParameterDict)
+        return found
 
     # -- what callers use -----------------------------------------------------------------------
     def add_updates(

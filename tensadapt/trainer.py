@@ -39,11 +39,11 @@ from .model import TensadaptModel, hub_of
 
 def _adapted(model: nn.Module | None) -> nn.Module:
     """The module holding the adapter hub, through DDP/accelerate wrappers."""
-    inner: Any = model
+    inner: object = model
     for _ in range(4):
         base = inner.base_model if isinstance(inner, TensadaptModel) else inner
-        if hub_of(base) is not None:
-            return base  # type: ignore[no-any-return]
+        if isinstance(base, nn.Module) and hub_of(base) is not None:
+            return base
         inner = getattr(inner, "module", None)
         if inner is None:
             break
