@@ -230,7 +230,12 @@ class AdaptedLinear(nn.Module):
         return int(w.shape[1] if self.layout == "conv1d" else w.shape[0])
 
     def set_targets(self, name: str, targets: Sequence[TargetPlan]) -> None:
-        self.adapter_targets[name] = tuple(targets)
+        """Adapter ``name``'s targets in this module (the adapter must be in the hub already).
+
+        The executor's :class:`~tensadapt.executor.Program` for them is built here, outside any
+        forward, so that a forward traced by ``torch.compile`` only looks it up."""
+        self.adapter_targets[name] = found = tuple(targets)
+        self.hub.adapter(name).executor.program(found)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
