@@ -18,6 +18,7 @@ Other checks, each on its own sample:
   transformers 5 on these families) must be the ones PEFT LoRA has on the same model;
 - the frame's sharing survives compilation: the forward graph AOT autograd traces holds exactly
   the matrix products eager runs (``x·P_in`` once for q, k and v), fewer than without the frame;
+- adapter dropout: the compiled forward draws one mask per module input, as eager does;
 - dynamic shapes: token counts on both sides of a strategy bound, one compiled model;
 - ``set_adapter`` / ``disable_adapter`` on a compiled model (recompiles allowed, wrong results not);
 - gradient checkpointing (non-reentrant and reentrant) gives the gradients of a plain run.
@@ -378,6 +379,48 @@ def test_sharing_survives_compilation(family: str, fact: str, modes: tuple[str, 
     if family != "gpt2":  # GPT-2's q, k, v share one module: one product even without the frame
         assert sum(with_frame.values()) < sum(without.values())
         assert x_p_in < sum(1 for t in model.plan().targets if t.proj in TARGETS)
+
+
+def _random_ops(names: collections.Counter[str]) -> int:
+    return sum(v for k, v in names.items() if "bernoulli" in k or "dropout" in k)
+
+
+def test_dropout_masks_shared_under_compile() -> None:
+    """With adapter dropout, the compiled forward draws one mask per module input (q, k and v
+    share theirs), as eager does with the frame, and fewer than without it."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spec = _spec("cp", ("heads", "qkv", "depth"), 2)
+    model = TensadaptModel(_base("bert"), {**spec, "dropout": 0.1}, seed=0).train()
+    inputs = _inputs(model)
+
+    def eager_ops(run: Callable[[], Any]) -> collections.Counter[str]:
+        found: collections.Counter[str] = collections.Counter()
+
+        class Names(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+                found[str(func)] += 1
+                return func(*args, **(kwargs or {}))
+
+        with Names():
+            run()
+        return found
+
+    graphs: list[torch.fx.GraphModule] = []
+    backend = aot_autograd(
+        fw_compiler=lambda gm, _: graphs.append(gm) or gm, bw_compiler=lambda gm, _: gm
+    )
+    torch.compile(model, backend=backend)(**inputs)
+    assert len(graphs) == 1
+    compiled = collections.Counter(
+        str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"
+    )
+    with_frame = _random_ops(eager_ops(lambda: model(**inputs)))
+    without = _random_ops(eager_ops(lambda: model.base_model(**inputs)))
+    layers = model.config.num_hidden_layers
+    assert _random_ops(compiled) == with_frame == 2 * layers  # q/k/v's input, o's input
+    assert without == 4 * layers
 
 
 # -- strategies, bounds and dynamic shapes --------------------------------------------------------
