@@ -17,7 +17,12 @@ then rounds are interleaved (the order rotates every round) and every figure is 
 per-round ratios, with the min-max over rounds.
 
 Usage (appends a section to benchmarks/RESULTS.md unless --no-write):
-    python benchmarks/bench_compile.py --rounds 7
+    python benchmarks/bench_compile.py --rounds 7                          # wall clock, 2 threads
+    python benchmarks/bench_compile.py --rounds 9 --threads 1 --clock cpu  # on a shared machine
+
+On a machine other processes load, wall-clock steps swing several-fold from round to round;
+``--clock cpu`` times this process's CPU seconds instead (with one thread, so that no thread's
+spin-wait is counted), which such load barely changes.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import base_config, fmt, machine, probe, rel, timed_rounds  # noqa: E402
+from bench_step import base_config, fmt, machine, probe, rel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -108,8 +113,31 @@ def check(eager: nn.Module, compiled_model: nn.Module, compiled: Any, ids: torch
     return f"output rel err {eo:.1e}, grads {eg:.1e}"
 
 
+# -- timing ----------------------------------------------------------------------------------------
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_rounds(
+    fns: dict[str, Any], rounds: int, clock: str, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Per-round seconds of every fn on ``clock`` (``wall``, or ``cpu``: this process's CPU
+    time, which other processes on the machine barely disturb), the order rotating each round."""
+    now = CLOCKS[clock]
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    res: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = now()
+            fns[n]()
+            res[n].append(now() - t0)
+    return res
+
+
 # -- main ------------------------------------------------------------------------------------------
-def run(rounds: int, threads: int) -> dict[str, Any]:
+def run(rounds: int, threads: int, clock: str) -> dict[str, Any]:
     torch.set_num_threads(threads)
     base = build_base()
     ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -127,7 +155,7 @@ def run(rounds: int, threads: int) -> dict[str, Any]:
         steps[f"{name} compiled"] = Step(comp_model, compiled)
         print(f"{name}: {checks[name]} (compile + first calls {compile_s[name]:.0f} s)", flush=True)
     del base
-    res = timed_rounds({k: (lambda s=s: s(ids)) for k, s in steps.items()}, rounds, warmup=2)
+    res = timed_rounds({k: (lambda s=s: s(ids)) for k, s in steps.items()}, rounds, clock)
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:
         rs = [x / y for x, y in zip(res[a], res[b], strict=True)]
@@ -143,7 +171,10 @@ def run(rounds: int, threads: int) -> dict[str, Any]:
     }
 
 
-def report(r: dict[str, Any], rounds: int, threads: int, cmd: str, load: tuple[str, str]) -> str:
+def report(
+    r: dict[str, Any], rounds: int, threads: int, clock: str, cmd: str, load: tuple[str, str]
+) -> str:
+    what = "wall-clock" if clock == "wall" else "CPU time of this process (`time.process_time`)"
     lines = [
         "## torch.compile: compiled vs eager training step, tensadapt vs PEFT LoRA (issue #10)",
         "",
@@ -152,7 +183,8 @@ def report(r: dict[str, Any], rounds: int, threads: int, cmd: str, load: tuple[s
         f"Machine: {machine()}. Load average (1, 5, 15 min) before / after: {load[0]} / {load[1]}.",
         "",
         f"BERT 6 layers × 384 (`minilm` preset config, random weights), {BATCH} × {SEQ} tokens, "
-        f"{threads} torch threads, one process, dropout off. Training step = forward + backward + "
+        f"{threads} torch threads, one process, dropout off; times are {what}. "
+        "Training step = forward + backward + "
         "AdamW step; `torch.compile(model)` with the default backend (inductor), optimizer eager. "
         f"{rounds} interleaved rounds after 2 untimed warm-up steps; median (min–max) of "
         "per-round ratios. `lorta` = specs/lorta.yaml (CP over heads+qkv+depth on q,k,v,o, r=8); "
@@ -180,16 +212,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU time (steadier on a shared machine; use with --threads 1, "
+        "where no thread spins waiting for another)",
+    )
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     torch.set_num_threads(a.threads)
     print(machine(), flush=True)
     print(f"load average before: {load0}", flush=True)
-    r = run(a.rounds, a.threads)
+    r = run(a.rounds, a.threads, a.clock)
     load1 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     cmd = "python benchmarks/bench_compile.py " + " ".join(sys.argv[1:])
-    text = report(r, a.rounds, a.threads, cmd.strip(), (load0, load1))
+    text = report(r, a.rounds, a.threads, a.clock, cmd.strip(), (load0, load1))
     print(text)
     if not a.no_write:
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"

@@ -483,7 +483,8 @@ class Executor:
         ``[n, R_g]`` side by side, their right operands as one block matrix ``[Σ R_g, width]``
         (zero where a group has no rows of the output; fused layouts via :mod:`tensadapt.fused`).
         With ``inplace`` the product is accumulated straight into the base output's storage
-        (``addmm_``, no extra pass over ``[n, width]``).
+        (``addmm_``, no extra pass over ``[n, width]``) in eager; a compiled forward adds out of
+        place (see the comment in the body).
 
         Args:
             targets: the module's targets.
@@ -496,6 +497,10 @@ class Executor:
         """
         width = y.shape[-1]
         n = y.numel() // width if width else 0
+        if torch.compiler.is_compiling():
+            # functionalised, an in-place addmm_ into a view of the base output turns into
+            # copies and clones in the compiled backward; the compiler places the sum itself
+            inplace = False
         prog = self._programs.get(id(targets))
         if prog is None:
             prog = self.program(targets)
@@ -563,13 +568,13 @@ def _width(targets: Sequence[TargetPlan]) -> int:
 
 
 def _rows(y: torch.Tensor, n: int, width: int, inplace: bool) -> torch.Tensor:
-    """``y`` as ``[n, width]``. In place (eager only), prefer the 2-D tensor ``y`` is a plain view
-    of (what ``F.linear``/``Conv1D`` return for 3-D inputs): writing into it directly avoids
-    autograd's ``CopySlices`` (a full copy of the gradient) that writing through the view would
-    add. Under ``torch.compile`` the compiler owns such choices."""
+    """``y`` as ``[n, width]``. In place (eager only: :meth:`Executor.add_updates` never adds in
+    place under ``torch.compile``), prefer the 2-D tensor ``y`` is a plain view of (what
+    ``F.linear``/``Conv1D`` return for 3-D inputs): writing into it directly avoids autograd's
+    ``CopySlices`` (a full copy of the gradient) that writing through the view would add."""
     if y.dim() == 2:
         return y
-    if inplace and not torch.compiler.is_compiling():
+    if inplace:
         b = y._base
         if (
             b is not None
