@@ -10,8 +10,9 @@ graph break anywhere), and no recompilation on a second call.
 The default run tests a sample (:data:`SAMPLE`, 10 cases, backend ``aot_eager``): every mode subset
 at least once, every factorization at least twice, every family at least three times, and both
 left-operand strategies (``route``: ``(x·P_in)·P_out``; ``rebuild``: ``x·S``) besides MPO's
-``stages``. The ``inductor`` backend runs on :data:`INDUCTOR_SAMPLE` (2 cases). ``pytest --full``
-(or ``TENSADAPT_FULL=1``) runs the whole product under ``aot_eager`` and under ``inductor``.
+``stages``. The ``inductor`` backend runs on :data:`INDUCTOR_SAMPLE` (1 case: LoRTA on GPT-2's
+fused ``c_attn``). ``pytest --full`` (or ``TENSADAPT_FULL=1``) runs the whole product under
+``aot_eager`` and under ``inductor``.
 
 Other checks, each on its own sample:
 - ``torch._dynamo.explain`` finds no graph break in tensadapt code; breaks elsewhere (none with
@@ -60,10 +61,7 @@ SAMPLE = [
     ("gpt2", "cp", ("heads", "qkv"), 2, 7),
     ("llama", "tucker", ("heads", "qkv", "depth"), 2, 7),
 ]
-INDUCTOR_SAMPLE = [
-    ("gpt2", "cp", ("heads", "qkv", "depth"), 3, 7),
-    ("llama", "tucker", ("qkv", "depth"), 3, 7),
-]
+INDUCTOR_SAMPLE = [("gpt2", "cp", ("heads", "qkv", "depth"), 3, 7)]  # LoRTA on fused c_attn
 RTOL = 1e-5
 
 
@@ -457,20 +455,21 @@ def test_program_regimes_match_strategy(
 
 def test_dynamic_shapes_across_a_strategy_bound() -> None:
     """One compiled model on token counts below and above a strategy bound (route below,
-    rebuild above): equal to eager each time, and a recompile only where the bound is crossed."""
+    rebuild above), with torch's default automatic dynamic shapes: equal to eager each time; the
+    second length recompiles once as a dynamic graph, which serves every length below the bound;
+    crossing the bound compiles the other regime once (a guard ``n < bound``, not a re-plan)."""
     model = _adapted("bert", "lora", ("qkv",), 32)
     params = _trainable(model)
     (bound,) = {b for t in model.plan().targets for b in strategy_bounds(t)}
     counting = _Counting("aot_eager")
-    compiled = torch.compile(model, backend=counting, dynamic=True)
+    compiled = torch.compile(model, backend=counting)
     graphs = []
-    for seq in (5, 12, 30, 40):  # 2 rows each: 10, 24 tokens < bound; 60, 80 > bound
+    for seq in (5, 8, 12, 30, 40):  # 2 rows each: 10, 16, 24 tokens < bound; 60, 80 > bound
         inputs = _inputs(model, seq)
         _assert_same(_step(compiled, params, inputs), _step(model, params, inputs), f"seq {seq}")
         graphs.append(counting.graphs)
     assert 2 * 12 < bound < 2 * 30
-    assert graphs[0] == graphs[1]  # dynamic below the bound: no recompile
-    assert graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2]  # one for the other regime
+    assert graphs == [1, 2, 2, 3, 3]
 
 
 # -- switching adapters --------------------------------------------------------------------------
