@@ -97,7 +97,6 @@ def spec_for(name: str, dropout: float = 0.0) -> dict[str, Any]:
 
 def make_variant(name: str, base: nn.Module, model_key: str) -> nn.Module:
     """A copy of ``base`` carrying variant ``name`` (factors non-zero so updates are real)."""
-    import tensadapt as ta
 
     m = copy.deepcopy(base)
     if name == "base":
@@ -118,8 +117,10 @@ def make_variant(name: str, base: nn.Module, model_key: str) -> nn.Module:
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         return pm
-    ta.inject(m, spec_for(name), seed=0)
-    ad = ta.get_adapter(m) if hasattr(ta, "get_adapter") else m.tensadapt_adapter
+    from tensadapt.model import TensadaptModel
+
+    m = TensadaptModel(m, spec_for(name), seed=0)  # its forward opens the executor's frame
+    ad = adapter_of(m)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in ad.parameters():
@@ -130,7 +131,9 @@ def make_variant(name: str, base: nn.Module, model_key: str) -> nn.Module:
 
 
 def adapter_of(m: nn.Module) -> Any:
-    return m.tensadapt_adapter
+    from tensadapt.model import get_adapter
+
+    return get_adapter(m)
 
 
 def use_rebuild(m: nn.Module) -> None:
@@ -140,7 +143,9 @@ def use_rebuild(m: nn.Module) -> None:
 
     ad = adapter_of(m)
 
-    def add_updates(targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def add_updates(
+        targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool, frame: Any
+    ) -> torch.Tensor:
         ups = []
         for t in targets:
             tp = ad.plan.tensor(t.tensor)
@@ -188,7 +193,9 @@ def use_reference(m: nn.Module) -> Callable[[], None]:
     """Switch ``m`` to the straightforward contraction; returns the function that switches back."""
     ad = adapter_of(m)
 
-    def add_updates(targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def add_updates(
+        targets: Any, x: torch.Tensor, y: torch.Tensor, inplace: bool, frame: Any
+    ) -> torch.Tensor:
         return y + place([(t, ad.reference_update(t, x)) for t in targets], y)
 
     ad.add_updates = add_updates
@@ -197,8 +204,10 @@ def use_reference(m: nn.Module) -> Callable[[], None]:
 
 def set_adapter_dropout(m: nn.Module, p: float) -> None:
     drop: nn.Module = nn.Dropout(p) if p > 0 else nn.Identity()
-    if hasattr(m, "tensadapt_adapter"):
-        m.tensadapt_adapter.dropout = drop
+    if hasattr(m, "tensadapt_adapters"):
+        ad = adapter_of(m)
+        ad.dropout = drop
+        ad.dropout_p = p
     else:
         for mod in m.modules():
             if hasattr(mod, "lora_dropout"):
@@ -362,7 +371,11 @@ def memory(key: str, variants: list[str]) -> dict[str, float]:
 
 # -- planner figures ---------------------------------------------------------------------------
 def planner_figures(m: nn.Module, tokens: int, step_s: float) -> dict[str, float]:
-    from tensadapt.planner import plan, route_path_flops
+    from tensadapt import contract
+    from tensadapt.costs import route_path_flops
+    from tensadapt.executor import Executor
+    from tensadapt.model import adapted_modules
+    from tensadapt.planner import plan
 
     ad = adapter_of(m)
     ours = opt = 0.0
@@ -370,22 +383,15 @@ def planner_figures(m: nn.Module, tokens: int, step_s: float) -> dict[str, float
     for t in ad.plan.targets:
         a, b = route_path_flops(t, ad.plan.tensor(t.tensor), tokens)
         ours, opt, worst = ours + a, opt + b, max(worst, a / b)
-    from tensadapt import planner as planner_mod
-
-    planner_mod._path_cost.cache_clear()
+    contract._build.cache_clear()
     t0 = time.perf_counter()
     plan(ad.plan.spec, m)  # every contract_path of the plan (stages, routes, deltas)
     t_plan = time.perf_counter() - t0
-    ad._batched.clear()
-    ad._groups.clear()
-    t0 = time.perf_counter()
-    with torch.no_grad():  # run-time work per input shape: strategy choice, batched expressions
-        for mod in m.modules():
-            if hasattr(mod, "targets") and hasattr(mod, "adapter"):
-                for kind, group in ad.module_groups(mod.targets, tokens):
-                    for t in group:
-                        if kind == "route":
-                            ad._batched_for(t, "in"), ad._batched_for(t, "out")
+    contract._build.cache_clear()
+    t0 = time.perf_counter()  # the executor's planning: contractions, slices, module programs
+    ex = Executor(ad)
+    for _, mod in adapted_modules(m.base_model):
+        ex.program(mod.adapter_targets["default"])
     t_shape = time.perf_counter() - t0
     return {
         "flops_ratio": ours / opt,
@@ -521,7 +527,7 @@ def report(all_res: dict[str, dict[str, Any]], rounds: int, cmd: str, load: tupl
             "",
             f"Frozen-base training step: {r['train_s']['base'] * 1000:.0f} ms (median).",
             "",
-            "| spec | planner FLOPs ÷ opt_einsum optimal (total; worst target) | plan() s | per-shape compile s | path search ÷ one base step |",
+            "| spec | planner FLOPs ÷ opt_einsum optimal (total; worst target) | plan() s | executor build s | path search ÷ one base step |",
             "| --- | --- | --- | --- | --- |",
         ]
         for v, p in r["planner"].items():

@@ -230,7 +230,12 @@ class Adapted(nn.Module):
         return next(iter(self.adapter_targets.values()))[0].layout
 
     def set_targets(self, name: str, targets: Sequence[TargetPlan]) -> None:
-        self.adapter_targets[name] = tuple(targets)
+        """Adapter ``name``'s targets in this module (the adapter must be in the hub already).
+
+        The executor's :class:`~tensadapt.executor.Program` for them is built here, outside any
+        forward, so that a forward traced by ``torch.compile`` only looks it up."""
+        self.adapter_targets[name] = found = tuple(targets)
+        self.hub.adapter(name).executor.program(found)
 
     def active_targets(self) -> tuple[TensorAdapter, tuple[TargetPlan, ...]] | None:
         """The active adapter and its targets here, or ``None`` when the base alone runs

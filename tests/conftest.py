@@ -25,6 +25,16 @@ FAMILIES = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="run whole products of cases (e.g. the torch.compile matrix) instead of the "
+        "documented default sample; the environment variable TENSADAPT_FULL=1 does the same",
+    )
+
+
 def build_model(preset: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny base model (eval mode) from a bundled preset config."""
     from transformers import AutoModel
