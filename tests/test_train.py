@@ -566,3 +566,19 @@ def test_sweep_reports_a_diverged_run_and_does_not_count_it(prepared, tmp_path, 
     # resume: the finished run is skipped, the failed one reported again, not retrained
     res2 = sweep(specs, prepared, tmp_path, seeds=[0], opts=FAST, log=None)
     assert (res2.trained, res2.skipped, len(res2.failed)) == (0, 1, 1)
+
+
+def test_a_kept_tokenizer_is_reused_and_refused_for_other_texts(data, tmp_path):
+    # the tokenizers trainers break frequency ties differently in each process: a sweep keeps its
+    # trained tokenizer so that its workers and a resumed sweep tokenise alike
+    kept = tmp_path / "tok"
+    a = prepare("tiny-bert", *data, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert (kept / "tokenizer.json").is_file() and "kept in" not in a.tokenizer_source
+    b = prepare("tiny-bert", *data, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert f"kept in {kept}" in b.tokenizer_source
+    assert [x["input_ids"] for x in b.train] == [x["input_ids"] for x in a.train]
+    assert b.config.pad_token_id == a.tokenizer.pad_token_id
+    other = _tsv(tmp_path / "other.tsv", [(0, "quite different words"), (1, "entirely new text")])
+    with pytest.raises(DataError, match="tokenizer trained on other training texts"):
+        prepare("tiny-bert", other, None, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert not list(tmp_path.glob(".tok.*.tmp"))

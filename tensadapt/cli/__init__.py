@@ -169,13 +169,25 @@ COMMANDS: tuple[Command, ...] = (
         "--specs DIR, with --seeds seeds each, into OUT/runs/<spec>/seed<k>/. A run whose "
         "metrics.json exists is skipped, so re-running an interrupted sweep resumes it; a run "
         "that diverged is reported (failed.json), left out of the results and not retried. "
-        "Writes OUT/results.csv (spec, params, seed, metric, time, ...) and OUT/pareto.png "
-        "(metric vs trainable parameters, log x, Pareto front marked, LoRA highlighted). Exit 2 "
-        "when a run failed.",
-        epilog="example:\n"
+        "Writes OUT/results.csv (spec, params, lr, scale, seed, metric, time, ...) and "
+        "OUT/pareto.png (metric vs trainable parameters, log x, Pareto front marked, LoRA "
+        "highlighted, each point labelled with its learning rate). With --tune-lr each "
+        "configuration's learning rate is tuned first (see the tuning options; every trial in "
+        "OUT/tuning.csv). Exit 2 when a run failed.",
+        epilog="examples:\n"
         "  tensadapt sweep --model minilm --data ../shared/data/sst2/train.tsv \\\n"
         "      --eval ../shared/data/sst2/dev.tsv --max-train 2000 --max-steps 100 \\\n"
-        "      --rank 8 --factorizations lora,cp,tucker --seeds 3 --out sweeps/minilm",
+        "      --rank 8 --factorizations lora,cp,tucker --seeds 3 --out sweeps/minilm\n"
+        "\n"
+        "  # tune each configuration's learning rate (12 trials on 10 %% of the training data),\n"
+        "  # then 3 seeds at the tuned rate; start the same command in more terminals to help:\n"
+        "  tensadapt sweep --specs specs/sweep/ --model path/to/minilm \\\n"
+        "      --data ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\\n"
+        "      --epochs 2 --tune-lr --trials 12 --seeds 3 --out sweeps/tuned\n"
+        "\n"
+        "  # many machines: one database for the studies, --out on a shared file system\n"
+        "  tensadapt sweep ... --tune-lr --tune-scale --storage postgresql://me@db/optuna \\\n"
+        "      --out /nfs/sweeps/tuned",
     ),
     Command(
         "demo",

@@ -14,6 +14,7 @@ from .base import UsageError, encoding, existing_file
 if TYPE_CHECKING:
     from ..train.data import DataOptions
     from ..train.options import TrainOptions
+    from ..train.tuning import TuneOptions
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -180,9 +181,115 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
         "--seeds", type=arg_type("seeds"), default=3, help="seeds per configuration (0..N-1)"
     )
     _add_train_options(p)
+    _add_tune_options(p)
     p.add_argument(
         "--out", metavar="DIR", required=True, help="sweep directory (new, empty, or a sweep's)"
     )
+
+
+def _add_tune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "tuning (--tune-lr; needs optuna: pip install 'tensadapt[tune]')",
+        "Each configuration's learning rate (and with --tune-scale its update scale alpha/rank) "
+        "is searched by an Optuna study on a validation part carved from the TRAINING data "
+        "(never --eval); then every seed trains on the whole training data at the best values "
+        "and is evaluated on --eval. Run the same command in several processes (or machines "
+        "sharing --out and --storage) to share the work: no trial and no run is done twice.",
+    )
+    g.add_argument(
+        "--tune-lr", action="store_true", help="tune the learning rate of every configuration"
+    )
+    g.add_argument(
+        "--tune-scale",
+        action="store_true",
+        help="also tune the update scale (the spec's alpha becomes scale x its largest rank)",
+    )
+    g.add_argument(
+        "--trials",
+        type=arg_type("trials"),
+        default=None,
+        help="finished trials per configuration (default 12; a diverged trial counts)",
+    )
+    g.add_argument(
+        "--lr-min", type=arg_type("lr_min"), default=None, help="lowest learning rate (1e-5)"
+    )
+    g.add_argument(
+        "--lr-max", type=arg_type("lr_max"), default=None, help="highest learning rate (1e-1)"
+    )
+    g.add_argument(
+        "--scale-min", type=arg_type("scale_min"), default=None, help="lowest scale (0.1)"
+    )
+    g.add_argument(
+        "--scale-max", type=arg_type("scale_max"), default=None, help="highest scale (10)"
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=arg_type("val_fraction"),
+        default=None,
+        help="share of the training examples held out to score trials, per class (0.1)",
+    )
+    g.add_argument(
+        "--tune-seed",
+        type=arg_type("tune_seed"),
+        default=None,
+        help="seed of the validation split, the trials' training and the sampler (0)",
+    )
+    g.add_argument(
+        "--tune-metric",
+        choices=("auto", "accuracy", "loss"),
+        default=None,
+        help="trial objective: validation accuracy (maximised) or loss (minimised); auto "
+        "(default): accuracy for classification, loss for causal LM",
+    )
+    g.add_argument(
+        "--storage",
+        metavar="URL",
+        default=None,
+        help="Optuna storage shared by workers on several machines: a database URL "
+        "(postgresql://user@host/db, mysql://..., sqlite:///file.db) or a journal file path; "
+        "default: OUT/tuning.journal (several processes on one machine or NFS)",
+    )
+    g.add_argument(
+        "--study-prefix",
+        default=None,
+        metavar="TEXT",
+        help="prefix of the studies' names (each is named after its configuration)",
+    )
+
+
+#: dest of each tuning flag -> the TuneOptions field it sets
+_TUNE_FLAGS = {
+    "tune_scale": "tune_scale",
+    "trials": "trials",
+    "lr_min": "lr_min",
+    "lr_max": "lr_max",
+    "scale_min": "scale_min",
+    "scale_max": "scale_max",
+    "val_fraction": "val_fraction",
+    "tune_seed": "tune_seed",
+    "tune_metric": "metric",
+    "storage": "storage",
+    "study_prefix": "study_prefix",
+}
+
+
+def _tune_options(args: argparse.Namespace) -> TuneOptions | None:
+    """The TuneOptions of ``--tune-lr`` (``None`` without it); tuning flags without it are refused."""
+    given = {
+        f: getattr(args, d) for d, f in _TUNE_FLAGS.items() if getattr(args, d) not in (None, False)
+    }
+    if not args.tune_lr:
+        if given:
+            flags = ", ".join(
+                "--" + d.replace("_", "-") for d, f in _TUNE_FLAGS.items() if f in given
+            )
+            raise UsageError(f"sweep: {flags} tune(s) the learning rate: add --tune-lr")
+        return None
+    from ..deps import require
+    from ..train.tuning import TuneOptions
+
+    require("optuna", "sweep --tune-lr")
+    return TuneOptions(**given)
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -200,19 +307,25 @@ def run_sweep(args: argparse.Namespace) -> int:
         specs = [(r.name, r.spec) for r in enumeration(args).rows]
     for _, one in specs:
         check_spec_dependencies(one)
+    tune = _tune_options(args)
     opts, data_opts = _train_options(args), _data_options(args)
     check_device(opts)
-    check_output_dir(args.out, SWEEP_FILES)
-    prepared = prepare(args.model, args.data, args.eval, data_opts)
+    root = check_output_dir(args.out, SWEEP_FILES)
+    # a preset's tokenizer is trained once and kept: the sweep's workers and resumes share it
+    prepared = prepare(
+        args.model, args.data, args.eval, data_opts, tokenizer_dir=root / "tokenizer"
+    )
     print(
         f"sweep: {len(specs)} configuration(s) x {args.seeds} seed(s) on {args.model}; "
         f"tokenizer: {prepared.tokenizer_source}"
     )
-    res = sweep(specs, prepared, args.out, seeds=range(args.seeds), opts=opts)
+    res = sweep(specs, prepared, args.out, seeds=range(args.seeds), opts=opts, tune=tune)
     for s in res.summary:
+        lr = f"  lr {float(s['lr']):.3g}" if s.get("lr") not in (None, "") else ""
+        scale = f" scale {float(s['scale']):.3g}" if tune and tune.tune_scale else ""
         print(
             f"  {s['spec']:<28} {s['params']:>10,}  {s['metric']} {s['mean']:.4f} "
-            f"± {s['std']:.4f} (n={s['n']})"
+            f"± {s['std']:.4f} (n={s['n']}){lr}{scale}"
         )
     if res.pareto_png:
         print(f"plot: {res.pareto_png}")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data import DataError, DataOptions, Split, TaskData, load_task_data
 from .models import check_task_model, is_local_model, load_model_config
-from .tokenizer import tokenizer_kind, train_tokenizer
+from .tokenizer import shared_tokenizer, tokenizer_kind, train_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,12 +43,19 @@ def prepare(
     data: str | os.PathLike[str],
     eval_data: str | os.PathLike[str] | None = None,
     opts: DataOptions | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
 ) -> Prepared:
     """Check the data, get a tokenizer and tokenise both splits (no model is built yet).
 
     The model's own tokenizer for a local model directory; for a preset, a tokenizer trained on
     the training texts (:func:`~tensadapt.train.tokenizer.train_tokenizer`). Examples are cut at
     ``opts.max_length`` tokens (and at the model's position limit).
+
+    Args:
+        tokenizer_dir: for a preset, where the trained tokenizer is kept: loaded from there when
+            it exists, trained and saved there otherwise (see
+            :func:`~tensadapt.train.tokenizer.shared_tokenizer`; a sweep keeps it in its
+            directory so that its workers, and a resumed sweep, tokenise alike).
 
     Raises:
         DataError: bad data (see :func:`~tensadapt.train.data.load_task_data`), or a
@@ -66,10 +74,14 @@ def prepare(
         source = f"{model} (the model's own)"
     else:
         texts = td.train.texts
-        tokenizer = train_tokenizer(config, texts)
+        loaded = False
+        if tokenizer_dir is not None:
+            tokenizer, loaded = shared_tokenizer(config, texts, Path(tokenizer_dir))
+        else:
+            tokenizer = train_tokenizer(config, texts)
         source = (
             f"{tokenizer_kind(config)}, {len(tokenizer):,} tokens, trained on the "
-            f"{len(texts):,} training texts"
+            f"{len(texts):,} training texts" + (f" (kept in {tokenizer_dir})" if loaded else "")
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -88,6 +88,14 @@ BOUNDS: dict[str, Bound] = {
     "steps": Bound(int, 1, 10**9),
     "rank": Bound(int, 1, 1 << 20),
     "params": Bound(int, 1, 10**13),
+    # sweep --tune-lr (tensadapt.train.tuning.TuneOptions)
+    "trials": Bound(int, 1, 100_000),
+    "lr_min": Bound(float, 0, 1.0, lo_open=True),
+    "lr_max": Bound(float, 0, 1.0, lo_open=True),
+    "scale_min": Bound(float, 0, 1e4, lo_open=True),
+    "scale_max": Bound(float, 0, 1e4, lo_open=True),
+    "val_fraction": Bound(float, 0, 0.5, lo_open=True, why="the trials must train on most data"),
+    "tune_seed": Bound(int, 0, MAX_SEED),
 }
 
 

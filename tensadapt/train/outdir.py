@@ -36,8 +36,20 @@ RUN_FILES: frozenset[str] = frozenset(
         "failed.json",
     }
 )
-#: what a ``sweep`` writes at its top level
-SWEEP_FILES: frozenset[str] = frozenset({"runs", "results.csv", "pareto.png"})
+#: what a ``sweep`` writes at its top level: runs, results, the trained tokenizer of a preset (its
+#: workers share it) and with ``--tune-lr`` the studies' journal, its lock file and ``tuning.csv``
+#: (named here so that this module imports nothing of tuning's)
+SWEEP_FILES: frozenset[str] = frozenset(
+    {
+        "runs",
+        "results.csv",
+        "pareto.png",
+        "tokenizer",
+        "tuning.journal",
+        "tuning.journal.lock",
+        "tuning.csv",
+    }
+)
 
 
 class OutputDirError(TensadaptError, ValueError):

@@ -2,11 +2,22 @@
 
 WordPiece for BERT-like families, byte-level BPE otherwise, trained with the ``tokenizers``
 library on the training texts, the vocabulary capped at the config's ``vocab_size``.
+
+The ``tokenizers`` trainers break ties between equally frequent pairs in an order that changes
+from one process to the next (the same texts give another vocabulary in another process), so a
+tokenizer that several processes must share -- the workers of a sweep, a run resumed later -- is
+trained once and kept in a directory (:func:`shared_tokenizer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data import DataError
@@ -92,9 +103,71 @@ def train_tokenizer(config: Any, texts: Iterable[str]) -> PreTrainedTokenizerFas
         )
     if len(fast) > vocab:
         raise DataError(f"trained tokenizer has {len(fast)} tokens, more than vocab_size {vocab}")
-    config.pad_token_id = fast.pad_token_id
+    _set_special_ids(config, fast)
+    return fast
+
+
+def _set_special_ids(config: Any, tok: Any) -> None:
+    config.pad_token_id = tok.pad_token_id
     for attr in ("bos_token_id", "eos_token_id"):
-        tid = getattr(fast, attr, None)
+        tid = getattr(tok, attr, None)
         if tid is not None:
             setattr(config, attr, tid)
-    return fast
+
+
+#: in a kept tokenizer's directory: the hash of the texts it was trained on
+TEXTS_FILE = "tensadapt_texts.json"
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """SHA-256 of the texts (length-prefixed, so no two lists collide by concatenation)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+def shared_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> tuple[Any, bool]:
+    """The tokenizer kept in ``directory``, or one trained on ``texts`` and kept there.
+
+    The first process to finish training keeps its tokenizer (a directory renamed into place);
+    a process that loses the race, and every later one, loads that one, so all of them tokenise
+    alike.
+
+    Returns:
+        ``(tokenizer, loaded)``: ``loaded`` says whether it was read from ``directory``.
+    Raises:
+        DataError: ``directory`` holds a tokenizer trained on other texts.
+    """
+    digest = texts_digest(texts)
+    if not (directory / TEXTS_FILE).is_file():
+        tok = train_tokenizer(config, texts)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent)
+        )
+        try:
+            tok.save_pretrained(tmp)
+            (tmp / TEXTS_FILE).write_text(json.dumps({"sha256": digest, "n_texts": len(texts)}))
+            os.rename(tmp, directory)  # atomic; fails when another process kept one first
+            return tok, False
+        except OSError:
+            if not (directory / TEXTS_FILE).is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kept = json.loads((directory / TEXTS_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = None
+    if kept != digest:
+        raise DataError(
+            f"{directory}: holds a tokenizer trained on other training texts than these; use the "
+            "same --data (and --max-train) as before, or a new output directory"
+        )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    _set_special_ids(config, tok)
+    return tok, True

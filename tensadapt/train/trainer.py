@@ -44,7 +44,7 @@ from ..spec import AdapterSpec, load_spec, spec_to_yaml
 from .encode import Example, Prepared
 from .models import HEAD_MODULES, build_base_model
 from .options import OptionError, TrainOptions
-from .outdir import RUN_FILES, claim_output_dir
+from .outdir import RUN_FILES, Claim, claim_output_dir
 
 METRICS_FILE = "metrics.json"
 FAILED_FILE = "failed.json"
@@ -263,9 +263,10 @@ def train(
     spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str],
     prepared: Prepared,
     opts: TrainOptions | None = None,
-    out: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | Claim | None = None,
     log: Callable[[str], None] | None = print,
     callbacks: Sequence[TrainerCallback] = (),
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one adapter and evaluate it.
 
@@ -275,8 +276,11 @@ def train(
         opts: training options.
         out: directory for the adapter, ``resolved_spec.yaml`` and ``metrics.json``; checked and
             claimed (:func:`~tensadapt.train.outdir.claim_output_dir`) before the model is built.
+            A :class:`~tensadapt.train.outdir.Claim` is a directory the caller claimed already
+            (and releases itself).
         log: where one-line messages go (``None``: silent).
         callbacks: more ``TrainerCallback``\\ s, after tensadapt's own.
+        record: more entries for the metrics (e.g. how a sweep tuned the learning rate).
     Returns:
         the metrics: ``eval_accuracy``/``eval_loss`` (or ``eval_perplexity`` for causal LM),
         ``train_loss``, ``steps``, ``adapter_params``, ``trainable_params``, ``time_s``, ...
@@ -289,7 +293,10 @@ def train(
     opts = opts or TrainOptions()
     say = log or (lambda _s: None)
     spec = as_spec(spec)
-    claim = claim_output_dir(out, RUN_FILES) if out is not None else None
+    given = isinstance(out, Claim)
+    claim = out if isinstance(out, Claim) else None
+    if not isinstance(out, Claim) and out is not None:
+        claim = claim_output_dir(out, RUN_FILES)
     try:
         try:
             metrics, model, spec = _run(spec, prepared, opts, say, callbacks)
@@ -297,10 +304,11 @@ def train(
             if claim is not None:
                 record_failure(claim.path, e)
             raise
+        metrics.update(record or {})
         if claim is not None:
             save_run(model, spec, metrics, claim.path)
     finally:
-        if claim is not None:
+        if claim is not None and not given:
             claim.release()
     return metrics
 
@@ -353,6 +361,8 @@ def _run(
             "factorization": spec.factorization,
             "modes": list(spec.modes),
             "rank": spec.rank,
+            "lr": opts.lr,
+            "scale": spec.scaling,
             "adapter_params": adapter_params,
             "trainable_params": trainable,
             "seed": opts.seed,
