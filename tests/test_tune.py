@@ -81,8 +81,11 @@ def test_validation_split_is_stratified_disjoint_and_seeded(prepared) -> None:  
     for label in (0, 1):
         n_c = sum(ex["labels"] == label for ex in prepared.train)
         assert sum(ex["labels"] == label for ex in a.eval) == round(0.25 * n_c)
-    # never the dev set: every held-out example comes from the training data
-    assert not {id(ex) for ex in a.eval} & {id(ex) for ex in prepared.eval}
+    # never the dev set: the held-out texts are training texts
+    assert a.data.eval is not None and a.data.eval.source.endswith("train.tsv (held out)")
+    assert Counter(a.data.train.texts) + Counter(a.data.eval.texts) == Counter(
+        prepared.data.train.texts
+    )
     b = validation_split(prepared, 0.25, seed=3)
     c = validation_split(prepared, 0.25, seed=4)
     assert [_key(x) for x in a.eval] == [_key(x) for x in b.eval]
@@ -93,7 +96,10 @@ def test_validation_split_is_stratified_disjoint_and_seeded(prepared) -> None:  
 def test_validation_split_needs_data(prepared) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    tiny = replace(prepared, train=prepared.train[:1])
+    from tensadapt.train.data import Split, TaskData
+
+    one = Split("t.tsv", prepared.data.train.texts[:1], prepared.data.train.labels[:1])
+    tiny = replace(prepared, data=TaskData("classification", one, None, 2))
     with pytest.raises(TuneError, match="--val-fraction"):
         validation_split(tiny, 0.1, seed=0)
 
@@ -183,6 +189,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, fail_above: float | None = None) -> li
                 "train": list(map(_key, prepared.train)),
                 "eval": list(map(_key, prepared.eval or [])),
                 "eval_ids": {id(ex) for ex in prepared.eval or []},
+                "eval_source": prepared.data.eval.source if prepared.data.eval else None,
             }
         )
         if fail_above is not None and opts.lr > fail_above:
@@ -209,9 +216,10 @@ def test_tuned_sweep_trains_every_seed_at_the_best_trial_then_resumes(
     for c in trials:  # trials: train part + validation part of the training data, never dev
         assert len(c["train"]) + len(c["eval"]) == len(full)
         assert sorted(c["train"] + c["eval"]) == sorted(full)
-        assert not c["eval_ids"] & dev
+        assert not c["eval_ids"] & dev and c["eval_source"].endswith("train.tsv (held out)")
     for c in finals:  # final runs: the whole training data, evaluated on dev
         assert c["train"] == full and c["eval_ids"] == dev
+        assert c["eval_source"].endswith("dev.tsv")
 
     rows = list(csv.DictReader(res.results_csv.open()))
     for name, _ in SPECS:

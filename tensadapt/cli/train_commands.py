@@ -45,8 +45,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-length",
         type=arg_type("max_length"),
-        default=128,
-        help="tokens per example/block (default 128)",
+        default=None,
+        help="tokens per example/block (default: the spec's training: max_length, else 128)",
     )
     g.add_argument(
         "--max-train",
@@ -63,9 +63,18 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training (transformers Trainer)")
+    g = p.add_argument_group(
+        "training (transformers Trainer)",
+        "A spec's training: section (lr, head_lr, schedule, warmup_ratio, epochs, batch_size, "
+        "weight_decay, max_length) is the recipe of its runs; each flag given overrides one key "
+        "of it, and a key neither gives takes the default shown. metrics.json records the "
+        "effective recipe and where each value came from.",
+    )
     g.add_argument(
-        "--epochs", type=arg_type("epochs"), default=1.0, help="passes over the data (default 1)"
+        "--epochs",
+        type=arg_type("epochs"),
+        default=None,
+        help="passes over the data (default 1)",
     )
     g.add_argument(
         "--max-steps",
@@ -76,7 +85,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-size",
         type=arg_type("batch_size"),
-        default=16,
+        default=None,
         help="examples per step (default 16)",
     )
     g.add_argument(
@@ -85,11 +94,39 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr",
         type=arg_type("lr"),
-        default=1e-3,
-        help="peak learning rate (default 1e-3, at most 1)",
+        default=None,
+        help="peak learning rate of the adapter (default 1e-3, at most 1)",
     )
     g.add_argument(
-        "--weight-decay", type=arg_type("weight_decay"), default=0.0, help="AdamW weight decay"
+        "--head-lr",
+        type=arg_type("head_lr"),
+        default=None,
+        help="peak learning rate of the modules trained in full: a new classification head, "
+        "modules_to_save (default: --lr)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("linear", "cosine", "constant"),
+        default=None,
+        help="learning-rate decay after the warm-up (default linear)",
+    )
+    g.add_argument(
+        "--warmup-ratio",
+        type=arg_type("warmup_ratio"),
+        default=None,
+        help="share of the steps spent warming up (default 0.06)",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=arg_type("weight_decay"),
+        default=None,
+        help="AdamW weight decay of the adapter (default 0)",
+    )
+    g.add_argument(
+        "--head-weight-decay",
+        type=arg_type("head_weight_decay"),
+        default=None,
+        help="AdamW weight decay of the modules trained in full (default: --weight-decay)",
     )
     g.add_argument(
         "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="(fp16: GPU only)"
@@ -98,14 +135,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _data_options(args: argparse.Namespace) -> DataOptions:
+def _data_options(args: argparse.Namespace, max_length: int | None = None) -> DataOptions:
+    """The data options; examples are tokenised at ``--max-length``, else ``max_length`` (a
+    spec's), else 128."""
     from ..train.data import DataOptions
 
     return DataOptions(
         text_column=args.text_column,
         label_column=args.label_column,
         task=args.task,
-        max_length=args.max_length,
+        max_length=args.max_length or max_length or 128,
         max_train=args.max_train,
         max_eval=args.max_eval,
         encoding=args.encoding,
@@ -115,13 +154,18 @@ def _data_options(args: argparse.Namespace) -> DataOptions:
 def _train_options(args: argparse.Namespace, seed: int = 0) -> TrainOptions:
     from ..train.options import TrainOptions
 
-    return TrainOptions(
+    return TrainOptions(  # None: not given (the spec's training: value or the default)
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         lr=args.lr,
+        head_lr=args.head_lr,
+        schedule=args.schedule,
+        warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
+        head_weight_decay=args.head_weight_decay,
+        max_length=args.max_length,
         seed=seed,
         mixed_precision=args.mixed_precision,
         threads=args.threads,
@@ -152,12 +196,15 @@ def run_train(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..train.encode import prepare
     from ..train.outdir import RUN_FILES, check_output_dir
+    from ..train.recipe import resolve_recipe
     from ..train.trainer import check_device, check_spec_dependencies, train
 
     spec = load_spec(existing_file(args.spec))
     check_spec_dependencies(spec)
-    opts, data_opts = _train_options(args, args.seed), _data_options(args)
+    opts = _train_options(args, args.seed)
+    data_opts = _data_options(args, spec.training.max_length if spec.training else None)
     check_device(opts)
+    resolve_recipe(opts, spec)  # a spec value the options refuse (weight_decay: 5) stops here
     if args.out is not None:
         check_output_dir(args.out, RUN_FILES)  # before reading data; claimed before building
     prepared = prepare(args.model, args.data, args.eval, data_opts)
@@ -296,6 +343,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ..enumerate import load_rows_from_dir
     from ..train.encode import prepare
     from ..train.outdir import SWEEP_FILES, check_output_dir
+    from ..train.recipe import resolve_recipe
     from ..train.sweeps import sweep
     from ..train.trainer import check_device, check_spec_dependencies
 
@@ -305,10 +353,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         specs = load_rows_from_dir(args.specs)
     else:
         specs = [(r.name, r.spec) for r in enumeration(args).rows]
-    for _, one in specs:
-        check_spec_dependencies(one)
     tune = _tune_options(args)
     opts, data_opts = _train_options(args), _data_options(args)
+    for _, one in specs:
+        check_spec_dependencies(one)
+        resolve_recipe(opts, one)  # a spec value the options refuse stops here, by name
     check_device(opts)
     root = check_output_dir(args.out, SWEEP_FILES)
     # a preset's tokenizer is trained once and kept: the sweep's workers and resumes share it

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,12 @@ Example = dict[str, Any]
 
 @dataclass
 class Prepared:
-    """Tokenised data and what the model needs, shared by every run of a sweep."""
+    """Tokenised data and what the model needs, shared by every run of a sweep.
+
+    ``train``/``eval`` are ``data``'s splits tokenised at ``max_length`` tokens;
+    :func:`at_max_length` gives the same data at another length (a spec's ``training:
+    max_length``).
+    """
 
     model: str
     config: Any
@@ -36,6 +41,8 @@ class Prepared:
     eval: list[Example] | None
     data: TaskData
     tokenizer_source: str
+    max_length: int = 128
+    variants: dict[int, Prepared] = field(default_factory=dict, repr=False, compare=False)
 
 
 def prepare(
@@ -85,8 +92,24 @@ def prepare(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    train, ev = encode(td, tokenizer, config, opts.max_length)
+    return Prepared(
+        str(model), config, tokenizer, td.task, td.num_labels, train, ev, td, source,
+        opts.max_length,
+    )  # fmt: skip
+
+
+def encode(
+    td: TaskData, tokenizer: PreTrainedTokenizerBase, config: Any, max_length: int
+) -> tuple[list[Example], list[Example] | None]:
+    """Both splits of ``td`` tokenised: ``(train, eval)`` examples at ``max_length`` tokens (and at
+    most the model's position limit); evaluation examples sorted by length.
+
+    Raises:
+        DataError: a ``max_length`` that leaves no room for text, or too little text for a block.
+    """
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
-    limit = opts.max_length if not max_pos else min(opts.max_length, max_pos - 2)
+    limit = max_length if not max_pos else min(max_length, max_pos - 2)
     if td.task == "causal-lm":
         if limit < 2:
             raise DataError(f"--max-length {limit}: a causal-LM block needs at least 2 tokens")
@@ -98,21 +121,38 @@ def prepare(
                     f"{'--data' if split is td.train else '--eval'} {split.source}: too little "
                     f"text for one block of {limit} tokens (lower --max-length?)"
                 )
-    else:
-        specials = int(tokenizer.num_special_tokens_to_add())
-        if limit <= specials:
-            raise DataError(
-                f"--max-length {limit}: leaves no room for text (the tokenizer adds {specials} "
-                "special tokens to every example)"
-            )
-        train = encode_split(tokenizer, td.train, limit)
-        # evaluation order does not change accuracy or mean loss; by length it pads far less
-        ev = (
-            sorted(encode_split(tokenizer, td.eval, limit), key=lambda x: len(x["input_ids"]))
-            if td.eval
-            else None
+        return train, ev
+    specials = int(tokenizer.num_special_tokens_to_add())
+    if limit <= specials:
+        raise DataError(
+            f"--max-length {limit}: leaves no room for text (the tokenizer adds {specials} "
+            "special tokens to every example)"
         )
-    return Prepared(str(model), config, tokenizer, td.task, td.num_labels, train, ev, td, source)
+    train = encode_split(tokenizer, td.train, limit)
+    # evaluation order does not change accuracy or mean loss; by length it pads far less
+    ev = (
+        sorted(encode_split(tokenizer, td.eval, limit), key=lambda x: len(x["input_ids"]))
+        if td.eval
+        else None
+    )
+    return train, ev
+
+
+def at_max_length(prepared: Prepared, max_length: int) -> Prepared:
+    """``prepared`` tokenised at ``max_length`` tokens per example (itself when it already is;
+    each length tokenised once and remembered, so a sweep's runs share it).
+
+    Raises:
+        DataError: see :func:`encode`.
+    """
+    if max_length == prepared.max_length:
+        return prepared
+    hit = prepared.variants.get(max_length)
+    if hit is None:
+        train, ev = encode(prepared.data, prepared.tokenizer, prepared.config, max_length)
+        hit = replace(prepared, train=train, eval=ev, max_length=max_length, variants={})
+        prepared.variants[max_length] = hit
+    return hit
 
 
 def encode_split(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import (
     EvalPrediction,
+    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -41,10 +42,11 @@ from ..io import atomic_write, save_adapter
 from ..model import get_adapter, inject, merge, trainable_parameters, unmerge
 from ..numerics import DivergenceCallback, FiniteCheckCallback
 from ..spec import AdapterSpec, load_spec, spec_to_yaml
-from .encode import Example, Prepared
+from .encode import Example, Prepared, at_max_length
 from .models import HEAD_MODULES, build_base_model
 from .options import OptionError, TrainOptions
 from .outdir import RUN_FILES, Claim, claim_output_dir
+from .recipe import RECIPE_DEFAULTS, SCHEDULES, Recipe, param_groups, resolve_recipe
 
 METRICS_FILE = "metrics.json"
 FAILED_FILE = "failed.json"
@@ -118,6 +120,31 @@ class ExampleDataset(torch.utils.data.Dataset[Example]):
         return self.items[i]
 
 
+class RecipeTrainer(Trainer):
+    """The ``Trainer`` with the recipe's parameter groups: the adapter's factors at ``lr`` and
+    ``weight_decay``, the modules trained in full (a new head) at ``head_lr`` and
+    ``head_weight_decay`` (see :func:`~tensadapt.train.recipe.param_groups`); the scheduler
+    scales every group alike.
+
+    Args:
+        recipe: a resolved recipe's options (:attr:`~tensadapt.train.recipe.Recipe.opts`).
+    """
+
+    def __init__(self, *args: Any, recipe: TrainOptions, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            m = self.model if model is None else model
+            assert m is not None
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+            adapter = list(get_adapter(m).parameters())
+            groups = param_groups(m, adapter, self.recipe, self.get_decay_parameter_names(m))
+            self.optimizer = cls(groups, **kwargs)
+        return super().create_optimizer(model)
+
+
 def as_spec(spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str]) -> AdapterSpec:
     """A spec object from a spec, a mapping or a path (see :func:`~tensadapt.load_spec`)."""
     if isinstance(spec, AdapterSpec):
@@ -175,25 +202,30 @@ def check_device(opts: TrainOptions) -> bool:
 def training_arguments(opts: TrainOptions, output_dir: str) -> TrainingArguments:
     """The ``TrainingArguments`` of a run: the only place they are built.
 
-    Checkpoints are off (``save_strategy="no"``); the Trainer's own logging and progress output
-    are replaced by :class:`ProgressCallback`; the loss is logged every step (the divergence
-    check reads it).
+    ``opts`` is a resolved recipe's (:func:`~tensadapt.train.recipe.resolve_recipe`); recipe keys
+    left ``None`` take their defaults. ``learning_rate``/``weight_decay`` are the adapter's (the
+    head's group has its own, see :class:`RecipeTrainer`); the schedule maps to the
+    ``transformers`` scheduler of :data:`~tensadapt.train.recipe.SCHEDULES`. Checkpoints are off
+    (``save_strategy="no"``); the Trainer's own logging and progress output are replaced by
+    :class:`ProgressCallback`; the loss is logged every step (the divergence check reads it).
 
     Raises:
         OptionError: see :func:`check_device`.
     """
     cuda = check_device(opts)
+    opts = resolve_recipe(opts, None, opts.max_length).opts
+    assert opts.lr is not None and opts.schedule is not None and opts.epochs is not None
     return TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=opts.batch_size,
+        per_device_train_batch_size=opts.batch_size or RECIPE_DEFAULTS["batch_size"],
         per_device_eval_batch_size=opts.eval_batch_size,
         gradient_accumulation_steps=opts.grad_accum,
         learning_rate=opts.lr,
-        weight_decay=opts.weight_decay,
+        weight_decay=opts.weight_decay or 0.0,
         num_train_epochs=opts.epochs,
         max_steps=opts.max_steps if opts.max_steps is not None else -1,
-        lr_scheduler_type="linear",
-        warmup_steps=opts.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the steps
+        lr_scheduler_type=SCHEDULES[opts.schedule],
+        warmup_steps=opts.warmup_ratio or 0.0,  # transformers 5: a float < 1 is a step ratio
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -293,13 +325,16 @@ def train(
     opts = opts or TrainOptions()
     say = log or (lambda _s: None)
     spec = as_spec(spec)
+    recipe = resolve_recipe(opts, spec, prepared.max_length)
+    assert recipe.opts.max_length is not None
+    prepared = at_max_length(prepared, recipe.opts.max_length)
     given = isinstance(out, Claim)
     claim = out if isinstance(out, Claim) else None
     if not isinstance(out, Claim) and out is not None:
         claim = claim_output_dir(out, RUN_FILES)
     try:
         try:
-            metrics, model, spec = _run(spec, prepared, opts, say, callbacks)
+            metrics, model, spec = _run(spec, prepared, recipe, say, callbacks)
         except (DivergenceError, NonFiniteError) as e:
             if claim is not None:
                 record_failure(claim.path, e)
@@ -316,12 +351,14 @@ def train(
 def _run(
     spec: AdapterSpec,
     prepared: Prepared,
-    opts: TrainOptions,
+    recipe: Recipe,
     say: Callable[[str], None],
     callbacks: Sequence[TrainerCallback],
 ) -> tuple[dict[str, Any], torch.nn.Module, AdapterSpec]:
     """Build, train, evaluate: ``(metrics, trained model, resolved spec)``."""
-    from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    opts = recipe.opts
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgress
 
@@ -338,7 +375,7 @@ def _run(
         f"examples, seed {opts.seed}"
     )
     with tempfile.TemporaryDirectory(prefix="tensadapt-train-") as tmp:
-        trainer = Trainer(
+        trainer = RecipeTrainer(
             model=model,
             args=training_arguments(opts, tmp),
             train_dataset=ExampleDataset(prepared.train),
@@ -350,6 +387,7 @@ def _run(
             ),
             compute_metrics=accuracy if prepared.task == "classification" else None,
             callbacks=training_callbacks(opts, prepared, name, callbacks),
+            recipe=opts,
         )
         for cb in (PrinterCallback, HFProgress):
             trainer.remove_callback(cb)
@@ -363,6 +401,7 @@ def _run(
             "rank": spec.rank,
             "lr": opts.lr,
             "scale": spec.scaling,
+            "recipe": recipe.as_dict(),
             "adapter_params": adapter_params,
             "trainable_params": trainable,
             "seed": opts.seed,

@@ -50,7 +50,8 @@ from ..deps import require
 from ..errors import DivergenceError, NonFiniteError, TensadaptError
 from ..io import atomic_write
 from ..spec import AdapterSpec, load_spec
-from .encode import Prepared
+from .data import DataError, Split, TaskData
+from .encode import Prepared, encode
 from .options import TrainOptions, check
 
 if TYPE_CHECKING:
@@ -145,25 +146,28 @@ def require_optuna() -> None:
 
 # -- data and spec ---------------------------------------------------------------------------
 def validation_split(prepared: Prepared, fraction: float, seed: int) -> Prepared:
-    """``prepared`` with its training examples split in two: trials train on the first part
-    and are scored on the second (``eval``).
+    """``prepared`` with its training data split in two: trials train on the first part and are
+    scored on the second (``eval``); the split is of the texts (``data``), so the parts can be
+    tokenised at another length too.
 
-    Classification: each class gives ``round(fraction · n_c)`` examples (at least one when it
-    has two or more), chosen by a generator seeded with ``seed``; causal LM: that share of the
-    blocks. The order of the training part is kept.
+    Classification: each class gives ``round(fraction · n_c)`` texts (at least one when it has
+    two or more), chosen by a generator seeded with ``seed``; causal LM: that share of the lines.
+    The order of the training part is kept.
 
     Raises:
         TuneError: too few examples to hold any out, or nothing left to train on.
     """
     rng = random.Random(seed)
-    n = len(prepared.train)
-    if prepared.task == "causal-lm":
+    td = prepared.data
+    texts, labels = td.train.texts, td.train.labels
+    n = len(texts)
+    if labels is None:
         k = round(fraction * n)
         held = set(rng.sample(range(n), k)) if 0 < k < n else set()
     else:
         by: dict[int, list[int]] = {}
-        for i, ex in enumerate(prepared.train):
-            by.setdefault(int(ex["labels"]), []).append(i)
+        for i, label in enumerate(labels):
+            by.setdefault(label, []).append(i)
         held = set()
         for label in sorted(by):
             idx = by[label]
@@ -174,12 +178,22 @@ def validation_split(prepared: Prepared, fraction: float, seed: int) -> Prepared
             f"--val-fraction {fraction:g}: {n} training examples leave no validation part to tune "
             "on (or nothing to train on); use more data or another fraction"
         )
-    train = [ex for i, ex in enumerate(prepared.train) if i not in held]
-    val = sorted(
-        (ex for i, ex in enumerate(prepared.train) if i in held),
-        key=lambda x: len(x["input_ids"]),
-    )
-    return replace(prepared, train=train, eval=val)
+
+    def part(keep: bool, source: str) -> Split:
+        idx = [i for i in range(n) if (i in held) != keep]
+        return Split(
+            source,
+            [texts[i] for i in idx],
+            [labels[i] for i in idx] if labels is not None else None,
+        )
+
+    src = td.train.source
+    sub = TaskData(td.task, part(True, src), part(False, f"{src} (held out)"), td.num_labels)
+    try:
+        train, val = encode(sub, prepared.tokenizer, prepared.config, prepared.max_length)
+    except DataError as e:
+        raise TuneError(f"--val-fraction {fraction:g}: {e}") from None
+    return replace(prepared, train=train, eval=val, data=sub, variants={})
 
 
 def with_scale(spec: AdapterSpec, scale: float) -> AdapterSpec:
