@@ -683,3 +683,14 @@ def test_cli_train_flag_overrides_the_specs_recipe(data, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:2], *argv[2:6], *fast]) == 2
     assert "weight_decay (--weight-decay) must be a number >= 0 and <= 1" in capsys.readouterr().err
+
+
+def test_spec_head_weight_decay_reaches_the_recipe():
+    from tensadapt.spec import load_spec
+    from tensadapt.train.recipe import resolve_recipe
+
+    spec = load_spec("training: {weight_decay: 0.0, head_weight_decay: 0.1}")
+    r = resolve_recipe(TrainOptions(), spec, 128)
+    assert (r.opts.weight_decay, r.opts.head_weight_decay) == (0.0, 0.1)
+    assert r.source["head_weight_decay"] == "spec"
+    assert resolve_recipe(TrainOptions(head_weight_decay=0.2), spec, 128).opts.head_weight_decay == 0.2
