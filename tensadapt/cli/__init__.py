@@ -146,8 +146,10 @@ COMMANDS: tuple[Command, ...] = (
         add_train,
         run_train,
         help="fine-tune one adapter (sequence classification or causal LM) and evaluate it",
-        description="Inject SPEC into the model, train it with the transformers Trainer "
-        "(progress bar with loss and tokens/s) and evaluate accuracy and loss on --eval. --model "
+        description="Put SPEC's adapter on the model (TensadaptModel), train it with the "
+        "transformers Trainer (progress bar with loss and tokens/s) and evaluate accuracy and "
+        "loss on --eval. The spec's training: section is the recipe; each training flag given "
+        "overrides one key. --save-steps keeps checkpoints, --resume continues from one. --model "
         "is a local model directory (its own weights and tokenizer) or a preset (random weights "
         "from the config, with a WordPiece/BPE tokenizer trained on the training texts). Flags, "
         "--out and the data are checked before anything is built: a missing file or column, a "
@@ -158,7 +160,17 @@ COMMANDS: tuple[Command, ...] = (
         "  tensadapt train specs/tenslora-qkv-depth.yaml --model minilm \\\n"
         "      --data ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\\n"
         "      --max-train 2000 --max-steps 100 --out runs/qkv-depth\n"
-        "  tensadapt train specs/lorta.yaml --model path/to/local/model --data corpus.txt",
+        "  tensadapt train specs/lorta.yaml --model path/to/local/model --data corpus.txt\n"
+        "\n"
+        "  # checkpoints every 500 steps (adapter-sized), then continue after a crash:\n"
+        "  tensadapt train specs/papers/lorta-glue-roberta-base-sst2.yaml --model path/to/roberta-base \\\n"
+        "      --data train.tsv --eval dev.tsv --save-steps 500 --out runs/lorta\n"
+        "  tensadapt train specs/papers/lorta-glue-roberta-base-sst2.yaml --model path/to/roberta-base \\\n"
+        "      --data train.tsv --eval dev.tsv --save-steps 500 --out runs/lorta --resume\n"
+        "\n"
+        "  # the spec's training: recipe, with one key overridden:\n"
+        "  tensadapt train specs/papers/tenslora-qkv-depth.yaml --model minilm \\\n"
+        "      --data train.tsv --lr 5e-4",
     ),
     Command(
         "sweep",

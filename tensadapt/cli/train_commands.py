@@ -155,6 +155,8 @@ def _train_options(args: argparse.Namespace, seed: int = 0) -> TrainOptions:
     from ..train.options import TrainOptions
 
     return TrainOptions(  # None: not given (the spec's training: value or the default)
+        save_steps=getattr(args, "save_steps", None),
+        save_total_limit=getattr(args, "save_total_limit", None),
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -189,11 +191,38 @@ def add_train(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write the adapter, spec and metrics.json here (new, empty, or an earlier run's)",
     )
+    g = p.add_argument_group("checkpoints")
+    g.add_argument(
+        "--save-steps",
+        type=arg_type("save_steps"),
+        default=None,
+        metavar="N",
+        help="every N optimizer steps write OUT/checkpoints/checkpoint-<step>: the adapter, "
+        "optimizer, scheduler and RNG states (adapter-sized; needs --out)",
+    )
+    g.add_argument(
+        "--save-total-limit",
+        type=arg_type("save_total_limit"),
+        default=None,
+        metavar="K",
+        help="keep only the last K checkpoints",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="continue a stopped run: from the latest complete checkpoint in OUT/checkpoints, or "
+        "from checkpoint DIR; give the same spec, data, seed and flags. The result equals an "
+        "uninterrupted run's",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ..spec import load_spec
+    from ..train.checkpoints import resume_checkpoint
     from ..train.encode import prepare
     from ..train.outdir import RUN_FILES, check_output_dir
     from ..train.recipe import resolve_recipe
@@ -205,11 +234,16 @@ def run_train(args: argparse.Namespace) -> int:
     data_opts = _data_options(args, spec.training.max_length if spec.training else None)
     check_device(opts)
     resolve_recipe(opts, spec)  # a spec value the options refuse (weight_decay: 5) stops here
+    out = None
     if args.out is not None:
-        check_output_dir(args.out, RUN_FILES)  # before reading data; claimed before building
-    prepared = prepare(args.model, args.data, args.eval, data_opts)
+        out = check_output_dir(args.out, RUN_FILES)  # before reading data; claimed before building
+    if opts.save_steps and out is None:
+        raise UsageError("--save-steps needs --out (where the checkpoints go)")
+    checkpoint = resume_checkpoint(args.resume, out) if args.resume is not None else None
+    # a resumed run tokenises as the first did: a preset's tokenizer is kept in its checkpoints
+    prepared = prepare(args.model, args.data, args.eval, data_opts, tokenizer_from=checkpoint)
     print(f"tokenizer: {prepared.tokenizer_source}")
-    metrics = train(spec, prepared, opts, out=args.out)
+    metrics = train(spec, prepared, opts, out=args.out, resume=checkpoint)
     if args.out:
         print(f"wrote the adapter, resolved spec and metrics.json to {args.out}")
     if args.json:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .data import DataError, DataOptions, Split, TaskData, load_task_data
 from .models import check_task_model, is_local_model, load_model_config
-from .tokenizer import shared_tokenizer, tokenizer_kind, train_tokenizer
+from .tokenizer import load_kept_tokenizer, shared_tokenizer, tokenizer_kind, train_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,6 +51,7 @@ def prepare(
     eval_data: str | os.PathLike[str] | None = None,
     opts: DataOptions | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
+    tokenizer_from: str | os.PathLike[str] | None = None,
 ) -> Prepared:
     """Check the data, get a tokenizer and tokenise both splits (no model is built yet).
 
@@ -63,6 +64,8 @@ def prepare(
             it exists, trained and saved there otherwise (see
             :func:`~tensadapt.train.tokenizer.shared_tokenizer`; a sweep keeps it in its
             directory so that its workers, and a resumed sweep, tokenise alike).
+        tokenizer_from: for a preset, a directory holding the tokenizer to use (a checkpoint
+            being resumed); it must have been trained on these training texts.
 
     Raises:
         DataError: bad data (see :func:`~tensadapt.train.data.load_task_data`), or a
@@ -82,7 +85,10 @@ def prepare(
     else:
         texts = td.train.texts
         loaded = False
-        if tokenizer_dir is not None:
+        if tokenizer_from is not None:
+            tokenizer, loaded = load_kept_tokenizer(config, texts, Path(tokenizer_from)), True
+            tokenizer_dir = tokenizer_from
+        elif tokenizer_dir is not None:
             tokenizer, loaded = shared_tokenizer(config, texts, Path(tokenizer_dir))
         else:
             tokenizer = train_tokenizer(config, texts)

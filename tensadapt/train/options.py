@@ -85,6 +85,8 @@ BOUNDS: dict[str, Bound] = {
     "head_weight_decay": Bound(float, 0, 1.0),
     "warmup_ratio": Bound(float, 0, 0.99),
     "seed": Bound(int, 0, MAX_SEED),
+    "save_steps": Bound(int, 1, 10**9),
+    "save_total_limit": Bound(int, 1, 10**6),
     "threads": Bound(int, 1, 4096),
     "max_length": Bound(int, 1, 1 << 20),
     "max_train": Bound(int, 1, 10**12),
@@ -177,6 +179,9 @@ class TrainOptions:
         max_length: tokens per example; default: what the data was tokenised with.
         grad_accum: batches accumulated into one optimizer step.
         seed: seeds the base model's random weights / new head, the adapter init and data order.
+        save_steps: write a checkpoint (adapter, optimizer, scheduler, RNG) every N optimizer
+            steps into the output directory's ``checkpoints/`` (``None``: none).
+        save_total_limit: keep only the last N checkpoints (``None``: all).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (fp16 needs a GPU).
         threads: torch CPU threads (``None``: leave as is).
         progress: show the progress bar.
@@ -201,6 +206,8 @@ class TrainOptions:
     max_length: int | None = None
     grad_accum: int = 1
     seed: int = 0
+    save_steps: int | None = None
+    save_total_limit: int | None = None
     mixed_precision: str = "no"
     threads: int | None = None
     progress: bool = True

@@ -54,13 +54,12 @@ def train_tokenizer(config: Any, texts: Iterable[str]) -> PreTrainedTokenizerFas
     texts = list(texts)
     if config.model_type in WORDPIECE_FAMILIES:
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok = Tokenizer(
+            models.WordPiece(_wordpiece_vocab(texts, vocab, specials), unk_token="[UNK]")
+        )
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(
-            texts, tk_trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials)
-        )
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -105,6 +104,32 @@ def train_tokenizer(config: Any, texts: Iterable[str]) -> PreTrainedTokenizerFas
         raise DataError(f"trained tokenizer has {len(fast)} tokens, more than vocab_size {vocab}")
     _set_special_ids(config, fast)
     return fast
+
+
+def _wordpiece_vocab(texts: Sequence[str], vocab: int, specials: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary of at most ``vocab`` entries, the same in every process.
+
+    The ``tokenizers`` ``WordPieceTrainer`` numbers its ``##`` subwords in hash-map order, which
+    changes from process to process and, through the trainer's tie-breaking, changes the
+    vocabulary itself (huggingface/tokenizers#1794; same texts, other tokenizations). Its plain
+    BPE trainer is deterministic, so BPE is trained here (BERT's normaliser and pre-tokeniser) and
+    each of its tokens ``t`` becomes the two WordPiece entries ``t`` (word start) and ``##t``
+    (inside a word), in BPE's order.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import trainers as tk_trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.normalizer = normalizers.BertNormalizer(lowercase=True)
+    bpe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    half = max((vocab - len(specials)) // 2, 1) + len(specials)
+    bpe.train_from_iterator(texts, tk_trainers.BpeTrainer(vocab_size=half, special_tokens=specials))
+    out = {t: i for i, t in enumerate(specials)}
+    for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
+        for entry in (t, f"##{t}"):
+            if t not in specials and entry not in out and len(out) < vocab:
+                out[entry] = len(out)
+    return out
 
 
 def _set_special_ids(config: Any, tok: Any) -> None:
@@ -157,11 +182,23 @@ def shared_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> tupl
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return load_kept_tokenizer(config, texts, directory), True
+
+
+def load_kept_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> Any:
+    """The tokenizer kept in ``directory`` (a sweep's, a checkpoint's), checked against the hash
+    of the texts it was trained on; the config's special token ids are set to its.
+
+    Raises:
+        DataError: no tokenizer there, or one trained on other texts.
+    """
+    if not (directory / "tokenizer.json").is_file():
+        raise DataError(f"{directory}: holds no tokenizer (tokenizer.json) to tokenise alike")
     try:
         kept = json.loads((directory / TEXTS_FILE).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         kept = None
-    if kept != digest:
+    if kept != texts_digest(texts):
         raise DataError(
             f"{directory}: holds a tokenizer trained on other training texts than these; use the "
             "same --data (and --max-train) as before, or a new output directory"
@@ -170,4 +207,4 @@ def shared_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> tupl
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     _set_special_ids(config, tok)
-    return tok, True
+    return tok
