@@ -8,6 +8,7 @@ package            extra       needed for
 =================  ==========  ======================================================
 ``datasets``       ``hf``      ``--data hf:NAME`` (Hugging Face hub datasets)
 ``bitsandbytes``   ``quant``   ``base: nf4`` / ``residual: nf4`` specs (QLoRA, QDoTA)
+``optuna``         ``tune``    ``sweep --tune-lr`` (per-configuration tuning)
 =================  ==========  ======================================================
 """
 
@@ -18,7 +19,7 @@ import importlib.util
 from .errors import MissingDependencyError
 
 #: import name -> the extra of ``pyproject.toml`` that installs it
-EXTRAS: dict[str, str] = {"datasets": "hf", "bitsandbytes": "quant"}
+EXTRAS: dict[str, str] = {"datasets": "hf", "bitsandbytes": "quant", "optuna": "tune"}
 
 
 def pip_line(extra: str) -> str:

@@ -148,6 +148,11 @@ class TrainingSpec(BaseModel):
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
         None, description="AdamW weight decay (>= 0)."
     )
+    head_weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="AdamW weight decay of the modules trained in full (modules_to_save, a new "
+        "classification head); null = weight_decay.",
+    )
     max_length: PositiveInt | None = Field(
         None, description="Tokens per example (>= 1); longer texts are truncated."
     )

@@ -409,6 +409,7 @@ def test_training_section() -> None:
         "epochs": None,
         "batch_size": 16,
         "weight_decay": None,
+        "head_weight_decay": None,
         "max_length": None,
     }
     assert load_spec("training: {lr: 1}").training.lr == 1.0  # type: ignore[union-attr]

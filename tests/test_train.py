@@ -21,9 +21,11 @@ import tensadapt.train.outdir as tr_outdir
 import tensadapt.train.sweeps as sweeps_mod
 import tensadapt.train.trainer as trainer_mod
 from tensadapt.cli import main
+from tensadapt.model import get_adapter
 from tensadapt.train import (
     DataError,
     DataOptions,
+    OptionError,
     TrainOptions,
     load_task_data,
     pareto_front,
@@ -566,3 +568,129 @@ def test_sweep_reports_a_diverged_run_and_does_not_count_it(prepared, tmp_path, 
     # resume: the finished run is skipped, the failed one reported again, not retrained
     res2 = sweep(specs, prepared, tmp_path, seeds=[0], opts=FAST, log=None)
     assert (res2.trained, res2.skipped, len(res2.failed)) == (0, 1, 1)
+
+
+def test_a_kept_tokenizer_is_reused_and_refused_for_other_texts(data, tmp_path):
+    # the tokenizers trainers break frequency ties differently in each process: a sweep keeps its
+    # trained tokenizer so that its workers and a resumed sweep tokenise alike
+    kept = tmp_path / "tok"
+    a = prepare("tiny-bert", *data, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert (kept / "tokenizer.json").is_file() and "kept in" not in a.tokenizer_source
+    b = prepare("tiny-bert", *data, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert f"kept in {kept}" in b.tokenizer_source
+    assert [x["input_ids"] for x in b.train] == [x["input_ids"] for x in a.train]
+    assert b.config.pad_token_id == a.tokenizer.pad_token_id
+    other = _tsv(tmp_path / "other.tsv", [(0, "quite different words"), (1, "entirely new text")])
+    with pytest.raises(DataError, match="tokenizer trained on other training texts"):
+        prepare("tiny-bert", other, None, DataOptions(max_length=24), tokenizer_dir=kept)
+    assert not list(tmp_path.glob(".tok.*.tmp"))
+
+
+# -- the spec's training: section (issue 11 item 4) -------------------------------------------
+RECIPE_SPEC = {
+    "factorization": "cp",
+    "modes": ["qkv", "depth"],
+    "rank": 2,
+    "training": {
+        "lr": 3e-3,
+        "head_lr": 5e-2,
+        "schedule": "cosine",
+        "warmup_ratio": 0.1,
+        "epochs": 2,
+        "batch_size": 4,
+        "weight_decay": 0.01,
+        "max_length": 12,
+    },
+}
+
+
+def test_spec_training_section_reaches_training_arguments_and_flags_override_it(tmp_path):
+    from tensadapt.spec import load_spec
+    from tensadapt.train.recipe import resolve_recipe
+    from tensadapt.train.trainer import training_arguments
+
+    spec = load_spec(RECIPE_SPEC)
+    r = resolve_recipe(TrainOptions(), spec, tokenised_at=128)
+    a = training_arguments(r.opts, str(tmp_path))
+    assert (a.learning_rate, a.lr_scheduler_type.value, a.warmup_steps) == (3e-3, "cosine", 0.1)
+    assert (a.num_train_epochs, a.per_device_train_batch_size, a.weight_decay) == (2.0, 4, 0.01)
+    assert (r.opts.head_lr, r.opts.max_length) == (5e-2, 12)
+    assert set(r.source.values()) == {"spec", "default"} and r.source["lr"] == "spec"
+
+    # a flag (an option that is set) overrides one key; the others stay the spec's
+    r = resolve_recipe(TrainOptions(lr=1e-4, schedule="constant", max_length=20), spec, 128)
+    a = training_arguments(r.opts, str(tmp_path))
+    assert (a.learning_rate, a.lr_scheduler_type.value) == (1e-4, "constant_with_warmup")
+    assert (a.num_train_epochs, r.opts.head_lr, r.opts.max_length) == (2.0, 5e-2, 20)
+    assert r.source["lr"] == r.source["schedule"] == "given" and r.source["epochs"] == "spec"
+
+    # no training section: the defaults; head_lr / head decay follow lr / weight_decay
+    r = resolve_recipe(TrainOptions(lr=2e-3), load_spec({"factorization": "lora"}), 64)
+    a = training_arguments(r.opts, str(tmp_path))
+    assert (a.learning_rate, a.lr_scheduler_type.value, a.warmup_steps) == (2e-3, "linear", 0.06)
+    assert (r.opts.head_lr, r.opts.head_weight_decay, r.opts.max_length) == (2e-3, 0.0, 64)
+
+    with pytest.raises(OptionError, match="schedule"):
+        TrainOptions(schedule="step")
+
+
+@pytest.mark.slow
+def test_head_lr_reaches_the_heads_param_group_and_metrics_record_the_recipe(prepared, tmp_path):
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            seen["groups"] = {g["name"]: g for g in optimizer.param_groups}
+            seen["head"] = {
+                id(p) for n, p in model.named_parameters() if "classifier" in n and p.requires_grad
+            }
+            seen["adapter"] = {id(p) for p in get_adapter(model).parameters()}
+
+    m = train(RECIPE_SPEC, prepared, FAST, out=tmp_path / "run", log=None, callbacks=[Spy()])
+    g = seen["groups"]
+    # the peak rates (the scheduler's warm-up has set "lr" to 0 at this point)
+    assert g["head"]["initial_lr"] == 5e-2 and g["adapter"]["initial_lr"] == 3e-3
+    in_head = {id(p) for k in ("head", "head_no_decay") for p in g[k]["params"]}
+    in_adapter = {id(p) for k in ("adapter", "adapter_no_decay") if k in g for p in g[k]["params"]}
+    assert in_head == seen["head"] and in_adapter == seen["adapter"]
+    assert g["head"]["weight_decay"] == 0.01 and g["head_no_decay"]["weight_decay"] == 0.0
+    rec = json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"]
+    assert rec == m["recipe"]
+    assert (rec["lr"], rec["head_lr"], rec["schedule"], rec["max_length"]) == (
+        3e-3, 5e-2, "cosine", 12
+    )
+    assert rec["source"]["batch_size"] == "given" and rec["source"]["head_lr"] == "spec"
+    assert 12 in prepared.variants  # the spec's max_length re-tokenised the data
+    assert max(len(x["input_ids"]) for x in prepared.variants[12].train) == 12
+
+
+@pytest.mark.slow
+def test_cli_train_flag_overrides_the_specs_recipe(data, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "factorization: lora\nrank: 2\ntraining:\n  lr: 3.0e-3\n  schedule: cosine\n"
+        "  max_length: 16\n  weight_decay: 0.5\n"
+    )
+    out = tmp_path / "out"
+    argv = ["train", str(spec), "--model", "tiny-bert", "--data", str(data[0]), "--out", str(out)]
+    fast = ["--max-steps", "2", "--batch-size", "8", "--threads", "1", "--no-progress"]
+    assert main([*argv, *fast, "--lr", "1e-4", "--head-weight-decay", "0.1"]) == 0
+    rec = json.loads((out / "metrics.json").read_text())["recipe"]
+    assert (rec["lr"], rec["schedule"], rec["max_length"]) == (1e-4, "cosine", 16)
+    assert (rec["weight_decay"], rec["head_weight_decay"]) == (0.5, 0.1)
+    assert rec["source"]["lr"] == "given" and rec["source"]["schedule"] == "spec"
+    spec.write_text("factorization: lora\ntraining:\n  weight_decay: 5.0\n")
+    capsys.readouterr()
+    assert main([*argv[:2], *argv[2:6], *fast]) == 2
+    assert "weight_decay (--weight-decay) must be a number >= 0 and <= 1" in capsys.readouterr().err
+
+
+def test_spec_head_weight_decay_reaches_the_recipe():
+    from tensadapt.spec import load_spec
+    from tensadapt.train.recipe import resolve_recipe
+
+    spec = load_spec("training: {weight_decay: 0.0, head_weight_decay: 0.1}")
+    r = resolve_recipe(TrainOptions(), spec, 128)
+    assert (r.opts.weight_decay, r.opts.head_weight_decay) == (0.0, 0.1)
+    assert r.source["head_weight_decay"] == "spec"
+    assert resolve_recipe(TrainOptions(head_weight_decay=0.2), spec, 128).opts.head_weight_decay == 0.2

@@ -146,8 +146,10 @@ COMMANDS: tuple[Command, ...] = (
         add_train,
         run_train,
         help="fine-tune one adapter (sequence classification or causal LM) and evaluate it",
-        description="Inject SPEC into the model, train it with the transformers Trainer "
-        "(progress bar with loss and tokens/s) and evaluate accuracy and loss on --eval. --model "
+        description="Put SPEC's adapter on the model (TensadaptModel), train it with the "
+        "transformers Trainer (progress bar with loss and tokens/s) and evaluate accuracy and "
+        "loss on --eval. The spec's training: section is the recipe; each training flag given "
+        "overrides one key. --save-steps keeps checkpoints, --resume continues from one. --model "
         "is a local model directory (its own weights and tokenizer) or a preset (random weights "
         "from the config, with a WordPiece/BPE tokenizer trained on the training texts). Flags, "
         "--out and the data are checked before anything is built: a missing file or column, a "
@@ -158,7 +160,17 @@ COMMANDS: tuple[Command, ...] = (
         "  tensadapt train specs/tenslora-qkv-depth.yaml --model minilm \\\n"
         "      --data ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\\n"
         "      --max-train 2000 --max-steps 100 --out runs/qkv-depth\n"
-        "  tensadapt train specs/lorta.yaml --model path/to/local/model --data corpus.txt",
+        "  tensadapt train specs/lorta.yaml --model path/to/local/model --data corpus.txt\n"
+        "\n"
+        "  # checkpoints every 500 steps (adapter-sized), then continue after a crash:\n"
+        "  tensadapt train specs/papers/lorta-glue-roberta-base-sst2.yaml --model path/to/roberta-base \\\n"
+        "      --data train.tsv --eval dev.tsv --save-steps 500 --out runs/lorta\n"
+        "  tensadapt train specs/papers/lorta-glue-roberta-base-sst2.yaml --model path/to/roberta-base \\\n"
+        "      --data train.tsv --eval dev.tsv --save-steps 500 --out runs/lorta --resume\n"
+        "\n"
+        "  # the spec's training: recipe, with one key overridden:\n"
+        "  tensadapt train specs/papers/tenslora-qkv-depth.yaml --model minilm \\\n"
+        "      --data train.tsv --lr 5e-4",
     ),
     Command(
         "sweep",
@@ -169,13 +181,25 @@ COMMANDS: tuple[Command, ...] = (
         "--specs DIR, with --seeds seeds each, into OUT/runs/<spec>/seed<k>/. A run whose "
         "metrics.json exists is skipped, so re-running an interrupted sweep resumes it; a run "
         "that diverged is reported (failed.json), left out of the results and not retried. "
-        "Writes OUT/results.csv (spec, params, seed, metric, time, ...) and OUT/pareto.png "
-        "(metric vs trainable parameters, log x, Pareto front marked, LoRA highlighted). Exit 2 "
-        "when a run failed.",
-        epilog="example:\n"
+        "Writes OUT/results.csv (spec, params, lr, scale, seed, metric, time, ...) and "
+        "OUT/pareto.png (metric vs trainable parameters, log x, Pareto front marked, LoRA "
+        "highlighted, each point labelled with its learning rate). With --tune-lr each "
+        "configuration's learning rate is tuned first (see the tuning options; every trial in "
+        "OUT/tuning.csv). Exit 2 when a run failed.",
+        epilog="examples:\n"
         "  tensadapt sweep --model minilm --data ../shared/data/sst2/train.tsv \\\n"
         "      --eval ../shared/data/sst2/dev.tsv --max-train 2000 --max-steps 100 \\\n"
-        "      --rank 8 --factorizations lora,cp,tucker --seeds 3 --out sweeps/minilm",
+        "      --rank 8 --factorizations lora,cp,tucker --seeds 3 --out sweeps/minilm\n"
+        "\n"
+        "  # tune each configuration's learning rate (12 trials on 10 %% of the training data),\n"
+        "  # then 3 seeds at the tuned rate; start the same command in more terminals to help:\n"
+        "  tensadapt sweep --specs specs/sweep/ --model path/to/minilm \\\n"
+        "      --data ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\\n"
+        "      --epochs 2 --tune-lr --trials 12 --seeds 3 --out sweeps/tuned\n"
+        "\n"
+        "  # many machines: one database for the studies, --out on a shared file system\n"
+        "  tensadapt sweep ... --tune-lr --tune-scale --storage postgresql://me@db/optuna \\\n"
+        "      --out /nfs/sweeps/tuned",
     ),
     Command(
         "demo",

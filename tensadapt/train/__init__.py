@@ -13,8 +13,11 @@ module         owns
 ``models``     the base model: a local directory (pretrained) or a preset (random weights)
 ``encode``     :func:`prepare`: data checked, tokenizer ready, both splits tokenised
 ``outdir``     output directories checked and claimed (a lock) before any work
+``recipe``     :func:`resolve_recipe`: options over the spec's ``training:`` over defaults;
+               the optimizer's parameter groups (adapter / head)
 ``trainer``    :func:`train`: adapted model, ``TrainingArguments``, callbacks, saving
-``sweeps``     :func:`sweep`: specs × seeds, resumable; ``results.csv``
+``tuning``     ``sweep --tune-lr``: Optuna studies per configuration on a validation split
+``sweeps``     :func:`sweep`: specs × seeds, resumable, tuned or not; ``results.csv``
 ``plots``      ``pareto.png``: metric vs parameters with the Pareto front
 ``demo``       :func:`run_demo`, the README's main job
 =============  =================================================================================
@@ -51,6 +54,13 @@ _EXPORTS: dict[str, str] = {
     "OutputDirError": "outdir",
     "check_output_dir": "outdir",
     "claim_output_dir": "outdir",
+    "RECIPE_DEFAULTS": "recipe",
+    "Recipe": "recipe",
+    "resolve_recipe": "recipe",
+    "TuneError": "tuning",
+    "TuneOptions": "tuning",
+    "validation_split": "tuning",
+    "at_max_length": "encode",
     "FAILED_FILE": "trainer",
     "METRICS_FILE": "trainer",
     "build_adapted_model": "trainer",
@@ -77,6 +87,13 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "BOUNDS",
+    "RECIPE_DEFAULTS",
+    "Recipe",
+    "TuneError",
+    "TuneOptions",
+    "at_max_length",
+    "resolve_recipe",
+    "validation_split",
     "FAILED_FILE",
     "HEAD_MODULES",
     "MAX_LABELS",
@@ -132,11 +149,12 @@ if TYPE_CHECKING:
         read_split,
     )
     from .demo import run_demo, shared_data_dir, synthetic_sentiment
-    from .encode import Prepared, prepare
+    from .encode import Prepared, at_max_length, prepare
     from .models import HEAD_MODULES, build_base_model, is_local_model, load_model_config
     from .options import BOUNDS, OptionError, TrainOptions
     from .outdir import OutputDirError, check_output_dir, claim_output_dir
     from .plots import pareto_front, plot_pareto
+    from .recipe import RECIPE_DEFAULTS, Recipe, resolve_recipe
     from .sweeps import (
         PARETO_FILE,
         RESULT_COLUMNS,
@@ -159,6 +177,7 @@ if TYPE_CHECKING:
         training_arguments,
         training_callbacks,
     )
+    from .tuning import TuneError, TuneOptions, validation_split
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,8 @@
 
 :data:`BOUNDS` is the single table of ranges: :class:`TrainOptions` and
 :class:`~tensadapt.train.data.DataOptions` check themselves against it when built (from Python,
-from the command line, or later from a spec's ``training:`` section), and the command line's
+from the command line, or merged with a spec's ``training:`` section by
+:func:`~tensadapt.train.recipe.resolve_recipe`), and the command line's
 parser uses it for its ``type=`` functions, so ``--grad-accum 0`` is refused by name before
 anything is read or built. This module imports nothing heavy (the CLI's ``--help`` loads it).
 """
@@ -77,9 +78,15 @@ BOUNDS: dict[str, Bound] = {
     "lr": Bound(
         float, 0, 1.0, lo_open=True, why="a learning rate above 1 only diverges with AdamW"
     ),
+    "head_lr": Bound(
+        float, 0, 1.0, lo_open=True, why="a learning rate above 1 only diverges with AdamW"
+    ),
     "weight_decay": Bound(float, 0, 1.0),
+    "head_weight_decay": Bound(float, 0, 1.0),
     "warmup_ratio": Bound(float, 0, 0.99),
     "seed": Bound(int, 0, MAX_SEED),
+    "save_steps": Bound(int, 1, 10**9),
+    "save_total_limit": Bound(int, 1, 10**6),
     "threads": Bound(int, 1, 4096),
     "max_length": Bound(int, 1, 1 << 20),
     "max_train": Bound(int, 1, 10**12),
@@ -88,6 +95,14 @@ BOUNDS: dict[str, Bound] = {
     "steps": Bound(int, 1, 10**9),
     "rank": Bound(int, 1, 1 << 20),
     "params": Bound(int, 1, 10**13),
+    # sweep --tune-lr (tensadapt.train.tuning.TuneOptions)
+    "trials": Bound(int, 1, 100_000),
+    "lr_min": Bound(float, 0, 1.0, lo_open=True),
+    "lr_max": Bound(float, 0, 1.0, lo_open=True),
+    "scale_min": Bound(float, 0, 1e4, lo_open=True),
+    "scale_max": Bound(float, 0, 1e4, lo_open=True),
+    "val_fraction": Bound(float, 0, 0.5, lo_open=True, why="the trials must train on most data"),
+    "tune_seed": Bound(int, 0, MAX_SEED),
 }
 
 
@@ -132,20 +147,41 @@ def arg_type(name: str) -> Callable[[str], int | float]:
     return parse
 
 
+#: learning-rate schedules (after a linear warm-up)
+SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine", "constant")
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How to train (every field is range-checked against :data:`BOUNDS` when built).
 
+    The recipe keys (``lr``, ``head_lr``, ``schedule``, ``warmup_ratio``, ``epochs``,
+    ``batch_size``, ``weight_decay``, ``head_weight_decay``, ``max_length``) default to ``None``:
+    not given. A run takes each from here when set, else from the spec's ``training:`` section,
+    else from :data:`tensadapt.train.recipe.RECIPE_DEFAULTS` (see
+    :func:`~tensadapt.train.recipe.resolve_recipe`).
+
     Attributes:
-        epochs: passes over the training data (ignored when ``max_steps`` is set).
+        epochs: passes over the training data (ignored when ``max_steps`` is set); default 1.
         max_steps: optimizer steps; overrides ``epochs`` (``None``: train ``epochs``).
-        batch_size: examples per device step; ``grad_accum`` steps make one optimizer step.
+        batch_size: examples per device step; ``grad_accum`` steps make one optimizer step;
+            default 16.
         eval_batch_size: examples per evaluation step.
-        lr: peak learning rate (linear warm-up over ``warmup_ratio`` of the steps, then decay).
-        weight_decay: AdamW weight decay.
-        warmup_ratio: fraction of the steps spent warming the learning rate up.
+        lr: peak learning rate of the adapter's factors (warm-up over ``warmup_ratio`` of the
+            steps, then ``schedule``); default 1e-3.
+        head_lr: peak learning rate of the modules trained in full (``modules_to_save``, a new
+            classification head); default: ``lr``.
+        schedule: ``linear`` (default), ``cosine`` or ``constant`` decay after the warm-up.
+        weight_decay: AdamW weight decay of the adapter's factors; default 0.
+        head_weight_decay: AdamW weight decay of the modules trained in full; default:
+            ``weight_decay``. Biases and norms never decay.
+        warmup_ratio: fraction of the steps spent warming the learning rate up; default 0.06.
+        max_length: tokens per example; default: what the data was tokenised with.
         grad_accum: batches accumulated into one optimizer step.
         seed: seeds the base model's random weights / new head, the adapter init and data order.
+        save_steps: write a checkpoint (adapter, optimizer, scheduler, RNG) every N optimizer
+            steps into the output directory's ``checkpoints/`` (``None``: none).
+        save_total_limit: keep only the last N checkpoints (``None``: all).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (fp16 needs a GPU).
         threads: torch CPU threads (``None``: leave as is).
         progress: show the progress bar.
@@ -157,15 +193,21 @@ class TrainOptions:
         OptionError: a value out of range (every problem named, with its flag).
     """
 
-    epochs: float = 1.0
+    epochs: float | None = None
     max_steps: int | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
     eval_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
+    lr: float | None = None
+    head_lr: float | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    head_weight_decay: float | None = None
+    warmup_ratio: float | None = None
+    max_length: int | None = None
     grad_accum: int = 1
     seed: int = 0
+    save_steps: int | None = None
+    save_total_limit: int | None = None
     mixed_precision: str = "no"
     threads: int | None = None
     progress: bool = True
@@ -177,6 +219,11 @@ class TrainOptions:
             raise OptionError(
                 f"mixed_precision (--mixed-precision) must be one of {', '.join(MIXED_PRECISION)}, "
                 f"got {self.mixed_precision!r}"
+            )
+        if self.schedule is not None and self.schedule not in SCHEDULE_NAMES:
+            raise OptionError(
+                f"schedule (--schedule) must be one of {', '.join(SCHEDULE_NAMES)}, "
+                f"got {self.schedule!r}"
             )
         if self.divergence_factor is not None and not self.divergence_factor > 1:
             raise OptionError(f"divergence_factor must be > 1, got {self.divergence_factor!r}")

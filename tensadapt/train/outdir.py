@@ -23,7 +23,8 @@ from types import TracebackType
 from ..errors import TensadaptError
 
 LOCK_FILE = ".tensadapt.lock"
-#: what a ``train`` run writes (adapter, specs, plan, metrics; failed.json records a failed run)
+#: what a ``train`` run writes (adapter, specs, plan, metrics; failed.json records a failed run;
+#: checkpoints/ with --save-steps)
 RUN_FILES: frozenset[str] = frozenset(
     {
         "adapter.safetensors",
@@ -34,10 +35,23 @@ RUN_FILES: frozenset[str] = frozenset(
         "resolved_spec.yaml",
         "metrics.json",
         "failed.json",
+        "checkpoints",
     }
 )
-#: what a ``sweep`` writes at its top level
-SWEEP_FILES: frozenset[str] = frozenset({"runs", "results.csv", "pareto.png"})
+#: what a ``sweep`` writes at its top level: runs, results, the trained tokenizer of a preset (its
+#: workers share it) and with ``--tune-lr`` the studies' journal, its lock file and ``tuning.csv``
+#: (named here so that this module imports nothing of tuning's)
+SWEEP_FILES: frozenset[str] = frozenset(
+    {
+        "runs",
+        "results.csv",
+        "pareto.png",
+        "tokenizer",
+        "tuning.journal",
+        "tuning.journal.lock",
+        "tuning.csv",
+    }
+)
 
 
 class OutputDirError(TensadaptError, ValueError):

@@ -26,14 +26,34 @@ def pareto_front(summary: Sequence[Mapping[str, Any]], higher_is_better: bool = 
     return front
 
 
+def _num(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _label(s: Mapping[str, Any], show_scale: bool) -> str:
+    """A point's label: the spec, its learning rate (tuned or given) and, when the specs'
+    scales differ, its scale."""
+    lr, scale = _num(s.get("lr")), _num(s.get("scale"))
+    extra = [f"lr {lr:.2g}"] if lr is not None else []
+    if show_scale and scale is not None:
+        extra.append(f"scale {scale:.2g}")
+    return f"{s['spec']} ({', '.join(extra)})" if extra else str(s["spec"])
+
+
 def plot_pareto(summary: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
-    """Metric vs trainable parameters (log x): mean ± std per spec, Pareto front, LoRA highlighted."""
+    """Metric vs trainable parameters (log x): mean ± std per spec, Pareto front, LoRA highlighted;
+    each point labelled with its spec and learning rate (and scale when they differ)."""
     # a Figure of its own, not pyplot: no global backend switch, nothing left open in a notebook
     from matplotlib.figure import Figure
 
     metric = str(summary[0]["metric"]) if summary else "metric"
     higher = metric != "eval_loss" and metric != "train_loss"
     front = set(pareto_front(summary, higher))
+    scales = {_num(s.get("scale")) for s in summary}
+    show_scale = len(scales) > 1
     fig = Figure(figsize=(8, 5.5))
     ax = fig.subplots()
     for s in summary:
@@ -50,7 +70,7 @@ def plot_pareto(summary: Sequence[Mapping[str, Any]], path: Path, title: str = "
             zorder=3 if is_lora else 2,
         )
         ax.annotate(
-            str(s["spec"]),
+            _label(s, show_scale),
             (s["params"], s["mean"]),
             fontsize=7,
             xytext=(4, 3),

@@ -38,13 +38,16 @@ from transformers import (
 from ..deps import require
 from ..errors import DivergenceError, NonFiniteError
 from ..io import atomic_write, save_adapter
-from ..model import get_adapter, inject, merge, trainable_parameters, unmerge
+from ..model import TensadaptModel, get_adapter, merge, trainable_parameters, unmerge
 from ..numerics import DivergenceCallback, FiniteCheckCallback
 from ..spec import AdapterSpec, load_spec, spec_to_yaml
-from .encode import Example, Prepared
-from .models import HEAD_MODULES, build_base_model
+from ..trainer import AdapterTrainer
+from .checkpoints import KeepTexts, checkpoints_of, resume_checkpoint
+from .encode import Example, Prepared, at_max_length
+from .models import HEAD_MODULES, build_base_model, is_local_model
 from .options import OptionError, TrainOptions
-from .outdir import RUN_FILES, claim_output_dir
+from .outdir import RUN_FILES, Claim, claim_output_dir
+from .recipe import RECIPE_DEFAULTS, SCHEDULES, Recipe, param_groups, resolve_recipe
 
 METRICS_FILE = "metrics.json"
 FAILED_FILE = "failed.json"
@@ -118,6 +121,31 @@ class ExampleDataset(torch.utils.data.Dataset[Example]):
         return self.items[i]
 
 
+class RecipeTrainer(AdapterTrainer):
+    """The :class:`~tensadapt.trainer.AdapterTrainer` (checkpoints hold the adapter; exact resume)
+    with the recipe's parameter groups: the adapter's factors at ``lr`` and ``weight_decay``, the
+    modules trained in full (a new head) at ``head_lr`` and ``head_weight_decay`` (see
+    :func:`~tensadapt.train.recipe.param_groups`); the scheduler scales every group alike.
+
+    Args:
+        recipe: a resolved recipe's options (:attr:`~tensadapt.train.recipe.Recipe.opts`).
+    """
+
+    def __init__(self, *args: Any, recipe: TrainOptions, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            m = self.model if model is None else model
+            assert m is not None
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+            adapter = list(get_adapter(m).parameters())
+            groups = param_groups(m, adapter, self.recipe, self.get_decay_parameter_names(m))
+            self.optimizer = cls(groups, **kwargs)
+        return super().create_optimizer(model)
+
+
 def as_spec(spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str]) -> AdapterSpec:
     """A spec object from a spec, a mapping or a path (see :func:`~tensadapt.load_spec`)."""
     if isinstance(spec, AdapterSpec):
@@ -147,7 +175,8 @@ def check_spec_dependencies(spec: AdapterSpec) -> None:
 def build_adapted_model(
     spec: AdapterSpec, prepared: Prepared, seed: int
 ) -> tuple[torch.nn.Module, AdapterSpec]:
-    """The base model of ``prepared`` with ``spec``'s adapter on it, ready to train.
+    """The base model of ``prepared`` with ``spec``'s adapter on it, ready to train: a
+    :class:`~tensadapt.model.TensadaptModel` (its forward shares the per-forward work).
 
     The task model's new head is added to ``modules_to_save`` (trained and saved with the
     adapter). The only place a training run builds its model.
@@ -156,12 +185,12 @@ def build_adapted_model(
         ``(model, resolved spec)``.
     """
     check_spec_dependencies(spec)
-    model = build_base_model(
+    base = build_base_model(
         prepared.model, prepared.config, prepared.task, prepared.num_labels, seed
     )
-    spec = resolve_spec(spec, model, prepared.task)
-    inject(model, spec, seed=seed)
-    return model, spec
+    spec = resolve_spec(spec, base, prepared.task)
+    model = TensadaptModel(base, spec, seed=seed)
+    return model, model.plan().spec
 
 
 def check_device(opts: TrainOptions) -> bool:
@@ -175,27 +204,35 @@ def check_device(opts: TrainOptions) -> bool:
 def training_arguments(opts: TrainOptions, output_dir: str) -> TrainingArguments:
     """The ``TrainingArguments`` of a run: the only place they are built.
 
-    Checkpoints are off (``save_strategy="no"``); the Trainer's own logging and progress output
-    are replaced by :class:`ProgressCallback`; the loss is logged every step (the divergence
-    check reads it).
+    ``opts`` is a resolved recipe's (:func:`~tensadapt.train.recipe.resolve_recipe`); recipe keys
+    left ``None`` take their defaults. ``learning_rate``/``weight_decay`` are the adapter's (the
+    head's group has its own, see :class:`RecipeTrainer`); the schedule maps to the
+    ``transformers`` scheduler of :data:`~tensadapt.train.recipe.SCHEDULES`. Checkpoints every
+    ``opts.save_steps`` steps into ``output_dir`` (keeping the last ``opts.save_total_limit``),
+    else none; the Trainer's own logging and progress output are replaced by
+    :class:`ProgressCallback`; the loss is logged every step (the divergence check reads it).
 
     Raises:
         OptionError: see :func:`check_device`.
     """
     cuda = check_device(opts)
+    opts = resolve_recipe(opts, None, opts.max_length).opts
+    assert opts.lr is not None and opts.schedule is not None and opts.epochs is not None
     return TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=opts.batch_size,
+        per_device_train_batch_size=opts.batch_size or RECIPE_DEFAULTS["batch_size"],
         per_device_eval_batch_size=opts.eval_batch_size,
         gradient_accumulation_steps=opts.grad_accum,
         learning_rate=opts.lr,
-        weight_decay=opts.weight_decay,
+        weight_decay=opts.weight_decay or 0.0,
         num_train_epochs=opts.epochs,
         max_steps=opts.max_steps if opts.max_steps is not None else -1,
-        lr_scheduler_type="linear",
-        warmup_steps=opts.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the steps
+        lr_scheduler_type=SCHEDULES[opts.schedule],
+        warmup_steps=opts.warmup_ratio or 0.0,  # transformers 5: a float < 1 is a step ratio
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
+        save_total_limit=opts.save_total_limit,
         eval_strategy="no",
         report_to="none",
         seed=opts.seed,
@@ -263,9 +300,11 @@ def train(
     spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str],
     prepared: Prepared,
     opts: TrainOptions | None = None,
-    out: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | Claim | None = None,
     log: Callable[[str], None] | None = print,
     callbacks: Sequence[TrainerCallback] = (),
+    record: Mapping[str, Any] | None = None,
+    resume: bool | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train one adapter and evaluate it.
 
@@ -275,8 +314,16 @@ def train(
         opts: training options.
         out: directory for the adapter, ``resolved_spec.yaml`` and ``metrics.json``; checked and
             claimed (:func:`~tensadapt.train.outdir.claim_output_dir`) before the model is built.
+            A :class:`~tensadapt.train.outdir.Claim` is a directory the caller claimed already
+            (and releases itself).
         log: where one-line messages go (``None``: silent).
         callbacks: more ``TrainerCallback``\\ s, after tensadapt's own.
+        record: more entries for the metrics (e.g. how a sweep tuned the learning rate).
+        resume: continue from a checkpoint (``opts.save_steps`` writes them to
+            ``out/checkpoints``): ``True`` -- the latest complete one there; a path -- that
+            checkpoint (see :func:`~tensadapt.train.checkpoints.resume_checkpoint`). The
+            optimizer, scheduler, RNG and data order continue where it stopped, so the result
+            equals an uninterrupted run's. The run must be the same (spec, data, seed).
     Returns:
         the metrics: ``eval_accuracy``/``eval_loss`` (or ``eval_perplexity`` for causal LM),
         ``train_loss``, ``steps``, ``adapter_params``, ``trainable_params``, ``time_s``, ...
@@ -289,18 +336,31 @@ def train(
     opts = opts or TrainOptions()
     say = log or (lambda _s: None)
     spec = as_spec(spec)
-    claim = claim_output_dir(out, RUN_FILES) if out is not None else None
+    recipe = resolve_recipe(opts, spec, prepared.max_length)
+    assert recipe.opts.max_length is not None
+    prepared = at_max_length(prepared, recipe.opts.max_length)
+    out_path = out.path if isinstance(out, Claim) else Path(out) if out is not None else None
+    if opts.save_steps and out_path is None:
+        raise OptionError("save_steps (--save-steps) needs an output directory (--out)")
+    checkpoint = resume_checkpoint(resume, out_path) if resume not in (None, False) else None
+    given = isinstance(out, Claim)
+    claim = out if isinstance(out, Claim) else None
+    if not isinstance(out, Claim) and out is not None:
+        claim = claim_output_dir(out, RUN_FILES)
     try:
         try:
-            metrics, model, spec = _run(spec, prepared, opts, say, callbacks)
+            metrics, model, spec = _run(
+                spec, prepared, recipe, say, callbacks, out_path, checkpoint
+            )
         except (DivergenceError, NonFiniteError) as e:
             if claim is not None:
                 record_failure(claim.path, e)
             raise
+        metrics.update(record or {})
         if claim is not None:
             save_run(model, spec, metrics, claim.path)
     finally:
-        if claim is not None:
+        if claim is not None and not given:
             claim.release()
     return metrics
 
@@ -308,12 +368,17 @@ def train(
 def _run(
     spec: AdapterSpec,
     prepared: Prepared,
-    opts: TrainOptions,
+    recipe: Recipe,
     say: Callable[[str], None],
     callbacks: Sequence[TrainerCallback],
+    out: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[dict[str, Any], torch.nn.Module, AdapterSpec]:
-    """Build, train, evaluate: ``(metrics, trained model, resolved spec)``."""
-    from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+    """Build, train (from ``checkpoint`` when resuming), evaluate: ``(metrics, trained model,
+    resolved spec)``; checkpoints go to ``out/checkpoints`` when ``opts.save_steps`` is set."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    opts = recipe.opts
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgress
 
@@ -329,10 +394,15 @@ def _run(
         f"{', '.join(spec.modules_to_save) or 'no extra modules'}), {len(prepared.train):,} "
         f"examples, seed {opts.seed}"
     )
+    trained_tokenizer = not is_local_model(prepared.model)
+    extra = list(callbacks)
+    if trained_tokenizer and opts.save_steps:
+        extra.append(KeepTexts(prepared.data.train.texts))
     with tempfile.TemporaryDirectory(prefix="tensadapt-train-") as tmp:
-        trainer = Trainer(
+        where = checkpoints_of(out) if out is not None and opts.save_steps else Path(tmp)
+        trainer = RecipeTrainer(
             model=model,
-            args=training_arguments(opts, tmp),
+            args=training_arguments(opts, str(where)),
             train_dataset=ExampleDataset(prepared.train),
             eval_dataset=ExampleDataset(prepared.eval) if prepared.eval else None,
             data_collator=(
@@ -341,11 +411,16 @@ def _run(
                 else DataCollatorWithPadding(prepared.tokenizer)
             ),
             compute_metrics=accuracy if prepared.task == "classification" else None,
-            callbacks=training_callbacks(opts, prepared, name, callbacks),
+            callbacks=training_callbacks(opts, prepared, name, extra),
+            # a preset's trained tokenizer goes into every checkpoint (a resumed run needs it)
+            processing_class=prepared.tokenizer if trained_tokenizer else None,
+            recipe=opts,
         )
         for cb in (PrinterCallback, HFProgress):
             trainer.remove_callback(cb)
-        result = trainer.train()
+        if checkpoint is not None:
+            say(f"resuming from {checkpoint}")
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_time = time.perf_counter() - t_start
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
         metrics: dict[str, Any] = {
@@ -353,6 +428,9 @@ def _run(
             "factorization": spec.factorization,
             "modes": list(spec.modes),
             "rank": spec.rank,
+            "lr": opts.lr,
+            "scale": spec.scaling,
+            "recipe": recipe.as_dict(),
             "adapter_params": adapter_params,
             "trainable_params": trainable,
             "seed": opts.seed,
@@ -366,6 +444,8 @@ def _run(
             "tokenizer": prepared.tokenizer_source,
             "n_train": len(prepared.train),
         }
+        if checkpoint is not None:
+            metrics["resumed_from"] = str(checkpoint)
         if prepared.eval:
             merge(model)  # merged inference costs exactly the base model
             try:
