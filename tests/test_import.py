@@ -107,3 +107,46 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(AdapterMismatchError, match="another model"):
         import_checkpoint(REF / "lorta_adapter", build_model("tiny-bert"), tmp_path / "out")
+
+
+def test_cli_import_reproduces_the_authors_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tensadapt import lorta-peft`` as a user types it: the written adapter gives their logits."""
+    from tensadapt.cli import main
+
+    out = tmp_path / "ad"
+    argv = ["import", "lorta-peft", str(REF / "lorta_adapter"), "--model", str(REF / "base")]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "orientation lorta" in capsys.readouterr().out
+    expected = load_file(str(REF / "expected.safetensors"))
+    model = TensadaptModel.from_pretrained(str(REF / "base"), out)
+    with torch.no_grad():
+        assert rel(model(input_ids=expected["ids"]).logits, expected["logits"]) <= 1e-5
+    # a second import into the same directory is refused; nothing there changes
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_import_bad_input_exits_2_with_the_file_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensadapt.cli import main
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(REF / "lorta_adapter", d)
+    (d / "adapter_model.safetensors").write_bytes(b"junk")
+    base = ["--model", str(REF / "base"), "--out", str(tmp_path / "o")]
+    assert main(["import", "lorta-peft", str(d), *base]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.safetensors" in err and "Traceback" not in err
+    assert main(["import", "lorta-peft", str(tmp_path / "missing"), *base]) == 2
+    assert "no such adapter directory" in capsys.readouterr().err
+    assert main(["import", "lora-peft", str(d), *base]) == 2  # unknown format: argparse names it
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["import", "lorta-peft", str(REF / "lorta_adapter"), "--model", "tiny-bert",
+                 "--out", str(tmp_path / "o2")]) == 2  # fmt: skip
+    assert "another model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()

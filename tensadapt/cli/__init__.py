@@ -24,7 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SpecError, TensadaptError
-from .adapter_commands import add_enumerate, add_export, run_enumerate, run_export
+from .adapter_commands import (
+    add_enumerate,
+    add_export,
+    add_import,
+    run_enumerate,
+    run_export,
+    run_import,
+)
 from .base import UsageError
 from .spec_commands import (
     add_plan,
@@ -140,6 +147,23 @@ COMMANDS: tuple[Command, ...] = (
         "  tensadapt enumerate --model roberta-base --rank 8 --targets q,k,v,o --json\n"
         "  tensadapt enumerate --model llama3-8b --budget-of lora:8 --factorizations cp,tucker\n"
         "  tensadapt enumerate --model minilm --params 20000 --out specs/sweep/",
+    ),
+    Command(
+        "import",
+        add_import,
+        run_import,
+        help="convert a checkpoint of the papers' released code into a tensadapt adapter",
+        description="Convert an adapter saved by another project's code into a tensadapt adapter "
+        "directory (adapter_config.json + adapter.safetensors) that computes the same function. "
+        "lorta-peft: the LoRTA authors' PEFT fork (adapter_config.json with peft_type LORTA, "
+        "adapter_model.safetensors with lora_A, lora_B, lora_C_h, lora_C_m, lora_C_l and the "
+        "classifier): the CP factors become a tensadapt cp spec over heads, qkv and depth with "
+        "orientation lorta, the classifier is kept. A foreign or malformed checkpoint, or one "
+        "made for another base model, stops with exit 2 and a message naming the file.",
+        epilog="examples:\n"
+        "  tensadapt import lorta-peft runs/lorta-sst2/ --model path/to/roberta-base \\\n"
+        "      --out adapters/lorta-sst2\n"
+        "  tensadapt export adapters/lorta-sst2 --model path/to/roberta-base --to merged -o merged/",
     ),
     Command(
         "train",

@@ -196,3 +196,61 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         print(export_peft_lora(model, args.out, rank=args.rank))
     return 0
+
+
+#: checkpoint formats ``tensadapt import`` converts (name -> what it reads)
+IMPORT_FORMATS = {"lorta-peft": "the LoRTA authors' PEFT tuner (peft_type LORTA)"}
+
+
+def add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "format",
+        choices=tuple(IMPORT_FORMATS),
+        metavar="FORMAT",
+        help="the checkpoint's format: "
+        + "; ".join(f"{k} -- {v}" for k, v in IMPORT_FORMATS.items()),
+    )
+    p.add_argument(
+        "adapter",
+        metavar="ADAPTER_DIR",
+        help="the directory the authors' save_pretrained wrote (adapter_config.json, "
+        "adapter_model.safetensors)",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="the base model the adapter was trained on: a local model directory (or a preset, "
+        "for tests); a sequence-classification adapter gets a head of its label count",
+    )
+    p.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="the tensadapt adapter directory to write (new or empty); load it with "
+        "TensadaptModel.from_pretrained(model, DIR) or tensadapt export",
+    )
+
+
+def run_import(args: argparse.Namespace) -> int:
+    src = Path(args.adapter)
+    if not src.exists():
+        raise UsageError(f"{args.adapter}: no such adapter directory")
+    if not src.is_dir():
+        raise UsageError(f"{args.adapter}: is a file, expected an adapter directory")
+    out = Path(args.out)
+    not_a_file(args.out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {args.out}: is not empty; give a new or empty directory")
+    from ..importers.lorta_peft import import_checkpoint
+    from ..io import read_config
+
+    written = import_checkpoint(src, args.model, out)
+    spec = read_config(written).get("spec", {})
+    print(
+        f"converted {src} ({IMPORT_FORMATS[args.format]}) to {written}: "
+        f"{spec.get('factorization')} over {spec.get('modes')}, rank {spec.get('rank')}, "
+        f"orientation {spec.get('orientation')}"
+    )
+    return 0
