@@ -276,8 +276,8 @@ class Executor:
             picks=picks,
             delta=delta,
             sides=sides,
-            stage_in=_nominal(t.stage_in),
-            stage_out=_nominal(t.stage_out),  # type: ignore[arg-type]
+            stage_in=None if t.stage_in is None else _nominal(t.stage_in),
+            stage_out=_nominal(t.stage_out),
             z_keys=z_keys,
             zs_keys=(f"zs:{t.share_key}:False", f"zs:{t.share_key}:True"),
         )
@@ -447,9 +447,10 @@ class Executor:
         info = self._targets[t.key]
         compiling = torch.compiler.is_compiling()
         lead = x.shape[:-1]
-        if t.stage_in is not None:
-            x_shape = t.stage_in.shapes[0][1:]
-            (fin,) = self.operands(t, t.stage_in.operands[1:])
+        stage_in = t.stage_in
+        if stage_in is not None:
+            x_shape = stage_in.shapes[0][1:]
+            (fin,) = self.operands(t, stage_in.operands[1:])
             run_in = info.stage_in
 
             def make() -> torch.Tensor:
@@ -457,7 +458,7 @@ class Executor:
                 if compiling:
                     assert run_in is not None
                     return run_in(xd, fin)
-                return self.run(t.stage_in.equation, [xd, fin])  # type: ignore[union-attr]
+                return self.run(stage_in.equation, [xd, fin])
 
             z = make() if frame is None else frame.shared(info.zs_keys[_grad()], x, make)
             ops = self.operands(t, t.stage_out.operands[1:])
@@ -554,10 +555,8 @@ def _sliced_shape(shape: Sequence[int], picks: Sequence[tuple[int, int]]) -> tup
     return tuple(s for d, s in enumerate(shape) if d not in drop)
 
 
-def _nominal(stage: Stage | None) -> contract.Contraction | None:
+def _nominal(stage: Stage) -> contract.Contraction:
     """A stage's contraction planned at :data:`NOMINAL_TOKENS` rows."""
-    if stage is None:
-        return None
     shapes = tuple(tuple(NOMINAL_TOKENS if d == -1 else d for d in s) for s in stage.shapes)
     return contract._build(stage.equation, shapes, None)
 

@@ -63,7 +63,7 @@ class AdaptedExperts(Adapted):
             self._by_expert[name] = found
         return found
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: object) -> torch.Tensor:
         found = self.active_targets()
         if found is None:
             return self.base(hidden_states, *args, **kwargs)

@@ -426,7 +426,7 @@ class TensadaptModel(nn.Module):
         return hub
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: object) -> Any:
         """The base model's forward, with the executor's per-forward frame open (no frame under
         gradient checkpointing, whose recomputation must repeat the forward's own operations)."""
         hub = hub_of(self.base_model)
@@ -438,7 +438,7 @@ class TensadaptModel(nn.Module):
         finally:
             hub.frame = None
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, **kwargs: object) -> Any:
         """``base_model.generate`` with one frame for the whole generation (no gradients, the
         factors do not change, so the ``P`` matrices are built once)."""
         hub = hub_of(self.base_model)

@@ -414,7 +414,7 @@ class SavedModule(nn.Module):
             return self.copies[hub.active]
         return self.original
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: object) -> Any:
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

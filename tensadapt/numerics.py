@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -148,9 +147,14 @@ class FiniteCheckCallback(TrainerCallback):
         self.grads = grads
 
     def on_pre_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: object,
     ) -> TrainerControl:
         model = kwargs.get("model")
+        assert model is None or isinstance(model, nn.Module)
         if self.grads and model is not None:
             step = int(getattr(state, "global_step", 0)) + 1
             if step % self.every == 0:
@@ -158,9 +162,14 @@ class FiniteCheckCallback(TrainerCallback):
         return control
 
     def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: object,
     ) -> TrainerControl:
         model = kwargs.get("model")
+        assert model is None or isinstance(model, nn.Module)
         step = int(getattr(state, "global_step", 0))
         if model is not None and step % self.every == 0:
             check_finite(model, step)
@@ -202,7 +211,11 @@ class DivergenceCallback(TrainerCallback):
         return None if self.reference is None else self.factor * self.reference
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: object,
     ) -> TrainerControl:
         self.reference = None
         return control
@@ -213,7 +226,7 @@ class DivergenceCallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         logs: dict[str, float] | None = None,
-        **kwargs: Any,
+        **kwargs: object,
     ) -> TrainerControl:
         if not logs or "loss" not in logs:
             return control

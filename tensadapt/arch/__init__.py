@@ -37,6 +37,9 @@ from .families import BUILTIN_FAMILIES, family_for, known_model_types
 from .family import Experts, Family, Layout, Stack, Variant
 from .presets import PRESETS, load_config, preset_config
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 if TYPE_CHECKING:  # torch-bound helpers load on first use: reading a family table needs no torch
     from torch import nn
 
@@ -64,7 +67,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def from_config(config: Any, families: Iterable[Family] | None = None) -> Architecture:
+def from_config(config: PretrainedConfig, families: Iterable[Family] | None = None) -> Architecture:
     """The :class:`Architecture` of a ``transformers`` ``PretrainedConfig``, without weights.
 
     Args:
@@ -125,7 +128,7 @@ def from_model(model: nn.Module, families: Iterable[Family] | None = None) -> Ar
     from .resolve import ModuleIndex
     from .scan import scan_model
 
-    if family is not None:
+    if family is not None and config is not None:
         index = ModuleIndex(model)
         fam = family.for_config(config)
         for layout in fam.layouts:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ArchitectureError
 from .base import (
@@ -38,6 +38,9 @@ from .base import (
     TargetSite,
     pack,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 #: size fields of :class:`Family` that a :class:`Stack` may override
 SIZE_FIELDS: tuple[str, ...] = (
@@ -153,7 +156,7 @@ class Experts:
     first_dense: tuple[str, ...] = ()
     stack: str = ""
 
-    def sparse(self, config: Any, layer: int) -> bool:
+    def sparse(self, config: PretrainedConfig, layer: int) -> bool:
         """Whether ``layer`` (index within its list) holds the experts."""
         step = int(first_attr(config, self.sparse_step) or 1)
         dense = first_attr(config, self.dense_layers) or ()
@@ -174,7 +177,7 @@ class Variant:
     when: Mapping[str, Any]
     changes: Mapping[str, Any]
 
-    def matches(self, config: Any) -> bool:
+    def matches(self, config: PretrainedConfig) -> bool:
         for name, want in self.when.items():
             have = getattr(config, name, None)
             if (bool(have) != want) if isinstance(want, bool) else (have != want):
@@ -222,7 +225,7 @@ class Family:
     variants: tuple[Variant, ...] = ()
     notes: str = ""
 
-    def for_config(self, config: Any) -> Family:
+    def for_config(self, config: PretrainedConfig) -> Family:
         """This family with the first matching :class:`Variant` applied (itself if none)."""
         for variant in self.variants:
             if variant.matches(config):
@@ -237,7 +240,10 @@ class Family:
         return self.layouts[-1]
 
     def architecture(
-        self, config: Any, layout: Layout | None = None, stacks: Iterable[str] | None = None
+        self,
+        config: PretrainedConfig,
+        layout: Layout | None = None,
+        stacks: Iterable[str] | None = None,
     ) -> Architecture:
         """The :class:`Architecture` of ``config`` (a ``PretrainedConfig``) in this family.
 
@@ -292,7 +298,7 @@ class Family:
             n_experts=n_experts,
         )
 
-    def _sizes(self, config: Any, stack: Stack) -> _Sizes:
+    def _sizes(self, config: PretrainedConfig, stack: Stack) -> _Sizes:
         def names(what: str) -> tuple[str, ...]:
             return tuple(stack.sizes.get(what, getattr(self, what)))
 
@@ -309,7 +315,7 @@ class Family:
             inter = self.intermediate_multiple * d
         return _Sizes(n_layers, d, n_heads, n_kv, head_dim, None if inter is None else int(inter))
 
-    def _need(self, config: Any, names: tuple[str, ...], what: str) -> Any:
+    def _need(self, config: PretrainedConfig, names: tuple[str, ...], what: str) -> Any:
         value = first_attr(config, names)
         if value is None:
             raise ArchitectureError(
@@ -329,7 +335,7 @@ class _Sizes:
     intermediate: int | None
 
 
-def _sub_config(config: Any, stack: Stack, family: str) -> Any:
+def _sub_config(config: PretrainedConfig, stack: Stack, family: str) -> Any:
     if stack.config is None:
         return config
     sub = getattr(config, stack.config, None)
@@ -354,7 +360,12 @@ class _StackSites:
     """The sites of one layer list: shapes and fused descriptors computed once per layer kind."""
 
     def __init__(
-        self, family: Family, stack: Stack, config: Any, sizes: _Sizes, experts: Experts | None
+        self,
+        family: Family,
+        stack: Stack,
+        config: PretrainedConfig,
+        sizes: _Sizes,
+        experts: Experts | None,
     ) -> None:
         self.family, self.stack, self.config, self.experts = family, stack, config, experts
         self.groups = {"heads": sizes.n_heads, "kv_heads": sizes.n_kv}
@@ -464,7 +475,7 @@ class _StackSites:
         return out
 
 
-def first_attr(config: Any, names: Iterable[str]) -> Any:
+def first_attr(config: object, names: Iterable[str]) -> Any:
     """The first of ``names`` that ``config`` has with a value other than ``None``, else ``None``."""
     for name in names:
         value = getattr(config, name, None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from .base import (
     pack,
 )
 from .family import first_attr
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _ATTN = r"attn|attention"
 _MLP = r"mlp|ffn|feed_?forward|output|dense_?relu_?dense"
@@ -174,7 +177,9 @@ def backbone_prefix(model: nn.Module) -> str:
     return ""
 
 
-def scan_model(model: nn.Module, config: Any = None, family: str = "generic") -> Architecture:
+def scan_model(
+    model: nn.Module, config: PretrainedConfig | None = None, family: str = "generic"
+) -> Architecture:
     """The :class:`Architecture` of ``model`` found from its module names alone.
 
     Layers are the numeric path components (the first one in each path). When several layer lists

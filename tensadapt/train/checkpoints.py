@@ -18,7 +18,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -62,7 +61,9 @@ def resume_checkpoint(resume: bool | str | os.PathLike[str], out: Path | None) -
             raise OptionError("--resume without a directory needs --out (the run to continue)")
         where = checkpoints_of(out)
     else:
-        where = Path(resume)  # type: ignore[arg-type]
+        if isinstance(resume, bool):  # False: the caller asked for no resume
+            raise OptionError("--resume: nothing to resume from")
+        where = Path(resume)
         if (where / STATE_FILE).is_file():
             return where
         if (where / CHECKPOINTS_DIR).is_dir():
@@ -83,7 +84,7 @@ class KeepTexts(TrainerCallback):
         self.record = json.dumps({"sha256": texts_digest(texts), "n_texts": len(texts)})
 
     def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object
     ) -> None:
         d = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         if d.is_dir():

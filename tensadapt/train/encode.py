@@ -16,7 +16,7 @@ from .models import check_task_model, is_local_model, load_model_config
 from .tokenizer import load_kept_tokenizer, shared_tokenizer, tokenizer_kind, train_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 #: one tokenised example: ``input_ids``, ``attention_mask`` (lists of ints) and ``labels``
 #: (an int for classification, a list of token ids for causal LM)
@@ -33,7 +33,7 @@ class Prepared:
     """
 
     model: str
-    config: Any
+    config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     task: str
     num_labels: int
@@ -106,7 +106,7 @@ def prepare(
 
 
 def encode(
-    td: TaskData, tokenizer: PreTrainedTokenizerBase, config: Any, max_length: int
+    td: TaskData, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, max_length: int
 ) -> tuple[list[Example], list[Example] | None]:
     """Both splits of ``td`` tokenised: ``(train, eval)`` examples at ``max_length`` tokens (and at
     most the model's position limit); evaluation examples sorted by length.

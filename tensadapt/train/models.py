@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ArchitectureError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 #: modules of a task model that are new (randomly initialised) heads and so must be trained
 HEAD_MODULES: tuple[str, ...] = ("classifier", "score", "pre_classifier")
@@ -29,7 +32,7 @@ def load_model_config(model: str | os.PathLike[str]) -> Any:
     return load_config(str(model))
 
 
-def check_task_model(model: str | os.PathLike[str], config: Any, task: str) -> None:
+def check_task_model(model: str | os.PathLike[str], config: PretrainedConfig, task: str) -> None:
     """Raise :class:`~tensadapt.errors.ArchitectureError` unless ``transformers`` has a task model
     (sequence classification / causal LM) for this config and it has a text vocabulary.
 
@@ -55,7 +58,7 @@ def check_task_model(model: str | os.PathLike[str], config: Any, task: str) -> N
 
 
 def build_base_model(
-    model: str | os.PathLike[str], config: Any, task: str, num_labels: int, seed: int
+    model: str | os.PathLike[str], config: PretrainedConfig, task: str, num_labels: int, seed: int
 ) -> torch.nn.Module:
     """The task model: pretrained from a local directory, or random weights from a preset config.
 

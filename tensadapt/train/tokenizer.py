@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .data import DataError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 #: families tokenised with WordPiece when a tokenizer is trained on the fly (others: byte-level BPE)
 WORDPIECE_FAMILIES: frozenset[str] = frozenset(
@@ -31,12 +31,12 @@ WORDPIECE_FAMILIES: frozenset[str] = frozenset(
 )
 
 
-def tokenizer_kind(config: Any) -> str:
+def tokenizer_kind(config: PretrainedConfig) -> str:
     """``WordPiece`` or ``byte-level BPE``: what :func:`train_tokenizer` trains for ``config``."""
     return "WordPiece" if config.model_type in WORDPIECE_FAMILIES else "byte-level BPE"
 
 
-def train_tokenizer(config: Any, texts: Iterable[str]) -> PreTrainedTokenizerFast:
+def train_tokenizer(config: PretrainedConfig, texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A tokenizer trained on ``texts``, its vocabulary capped at ``config.vocab_size``.
 
     WordPiece with ``[PAD] [UNK] [CLS] [SEP] [MASK]`` for BERT-like families, byte-level BPE with
@@ -132,7 +132,7 @@ def _wordpiece_vocab(texts: Sequence[str], vocab: int, specials: list[str]) -> d
     return out
 
 
-def _set_special_ids(config: Any, tok: Any) -> None:
+def _set_special_ids(config: PretrainedConfig, tok: Any) -> None:
     config.pad_token_id = tok.pad_token_id
     for attr in ("bos_token_id", "eos_token_id"):
         tid = getattr(tok, attr, None)
@@ -153,7 +153,9 @@ def texts_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def shared_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> tuple[Any, bool]:
+def shared_tokenizer(
+    config: PretrainedConfig, texts: Sequence[str], directory: Path
+) -> tuple[Any, bool]:
     """The tokenizer kept in ``directory``, or one trained on ``texts`` and kept there.
 
     The first process to finish training keeps its tokenizer (a directory renamed into place);
@@ -185,7 +187,7 @@ def shared_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> tupl
     return load_kept_tokenizer(config, texts, directory), True
 
 
-def load_kept_tokenizer(config: Any, texts: Sequence[str], directory: Path) -> Any:
+def load_kept_tokenizer(config: PretrainedConfig, texts: Sequence[str], directory: Path) -> Any:
     """The tokenizer kept in ``directory`` (a sweep's, a checkpoint's), checked against the hash
     of the texts it was trained on; the config's special token ids are set to its.
 

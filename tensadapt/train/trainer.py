@@ -70,7 +70,7 @@ class ProgressCallback(TrainerCallback):
         self.loss = math.nan
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -84,7 +84,7 @@ class ProgressCallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         logs: dict[str, float] | None = None,
-        **kw: Any,
+        **kw: object,
     ) -> None:
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
@@ -96,13 +96,13 @@ class ProgressCallback(TrainerCallback):
         return f"{(getattr(state, 'num_input_tokens_seen', 0) or 0) / dt:,.0f}"
 
     def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object
     ) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object
     ) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -131,7 +131,7 @@ class RecipeTrainer(AdapterTrainer):
         recipe: a resolved recipe's options (:attr:`~tensadapt.train.recipe.Recipe.opts`).
     """
 
-    def __init__(self, *args: Any, recipe: TrainOptions, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, recipe: TrainOptions, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.recipe = recipe
 
