@@ -145,6 +145,22 @@ def test_out_writes_valid_specs(tmp_path, capsys):
     assert text.startswith("# ") and "tensadapt plan" in text
     d = yaml.safe_load((out / "tucker-qkv-depth.yaml").read_text())
     assert d["factorization"] == "tucker" and d["modes"] == ["qkv", "depth"]
+    top = max(d["rank"].values()) if isinstance(d["rank"], dict) else d["rank"]
+    assert d["alpha"] == 2 * top  # the default scale 2
+
+
+def test_scale_sets_every_specs_alpha(tmp_path):
+    """``--scale 1`` (the TensLoRA authors' multiplier): alpha = the largest rank in every spec."""
+    out = tmp_path / "s1"
+    argv = ["enumerate", "--model", "tiny-bert", "--rank", "3", "--scale", "1", "--out", str(out)]
+    assert main(argv) == 0
+    files = sorted(out.glob("*.yaml"))
+    assert files
+    for f in files:
+        d = yaml.safe_load(f.read_text())
+        r = d["rank"]
+        top = max(r.values()) if isinstance(r, dict) else r
+        assert d["alpha"] == pytest.approx(top), f.name
 
 
 @pytest.mark.parametrize(
@@ -158,6 +174,8 @@ def test_out_writes_valid_specs(tmp_path, capsys):
         (["--factorizations", "tuker"], "registered: "),
         (["--targets", "q,x"], "targets"),
         (["--rank", "0"], ">= 1"),
+        (["--scale", "0"], "--scale"),
+        (["--scale", "nan"], "--scale"),
     ],
 )
 def test_cli_mistakes_exit_2(argv, needle, capsys):

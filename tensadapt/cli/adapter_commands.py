@@ -30,6 +30,7 @@ def enumeration(args: argparse.Namespace) -> Enumeration:
         budget_of=args.budget_of,
         targets=csv_list(args.targets) or ("q", "k", "v"),
         factorizations=csv_list(args.factorizations),
+        scale=args.scale,
     )
 
 
@@ -65,6 +66,14 @@ def add_enumerate_options(p: argparse.ArgumentParser) -> None:
         default="q,k,v",
         metavar="LIST",
         help="projections to adapt, comma-separated (default q,k,v; e.g. q,k,v,o)",
+    )
+    g.add_argument(
+        "--scale",
+        type=arg_type("scale"),
+        default=2.0,
+        metavar="S",
+        help="update scale of every spec: alpha = S x its largest rank (default 2, LoRA's usual "
+        "alpha = 2r; 1 = the TensLoRA authors' plain multiplier of 1.0)",
     )
     g.add_argument(
         "--factorizations",

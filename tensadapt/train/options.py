@@ -99,6 +99,7 @@ BOUNDS: dict[str, Bound] = {
     "trials": Bound(int, 1, 100_000),
     "lr_min": Bound(float, 0, 1.0, lo_open=True),
     "lr_max": Bound(float, 0, 1.0, lo_open=True),
+    "scale": Bound(float, 0, 1e4, lo_open=True),
     "scale_min": Bound(float, 0, 1e4, lo_open=True),
     "scale_max": Bound(float, 0, 1e4, lo_open=True),
     "val_fraction": Bound(float, 0, 0.5, lo_open=True, why="the trials must train on most data"),
