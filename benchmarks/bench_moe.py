@@ -123,7 +123,9 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
 
 
-def timed(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+def timed(
+    fns: dict[str, Callable[[], None]], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for fn in fns.values():  # warm-up
@@ -131,24 +133,35 @@ def timed(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[flo
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (2)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared machine, "
+        "with --threads 1)",
+    )
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     sys.path.insert(0, str(ROOT))
     models = variants()
-    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
+    )
     checks = check(models, ids)
     steps = {n: Step(m) for n, m in models.items()}
-    times = timed({n: (lambda s=s: s(ids)) for n, s in steps.items()}, a.rounds)
+    times = timed({n: (lambda s=s: s(ids)) for n, s in steps.items()}, a.rounds, clock)
     base = times["base (grouped_mm)"]
     eager = times["base (eager)"]
     rows = []
@@ -162,14 +175,17 @@ def main() -> None:
             f"{statistics.median(r2):.3f} ({min(r2):.2f}–{max(r2):.2f}) |"
         )
     load = os.getloadavg()
-    cmd = "python benchmarks/bench_moe.py --rounds " + str(a.rounds)
+    cmd = (
+        f"python benchmarks/bench_moe.py --rounds {a.rounds} --threads {a.threads} "
+        f"--clock {a.clock}"
+    )
     text = "\n".join(
         [
             "",
             "## Mixture-of-experts training step (issue 13)",
             "",
             f"Reproduce: `{cmd}` ({datetime.date.today()}, {platform.processor() or platform.machine()}, "
-            f"{THREADS} threads, torch {torch.__version__}, load {load[0]:.1f}). Mixtral-shaped: "
+            f"{a.threads} thread(s), {a.clock} clock, torch {torch.__version__}, load {load[0]:.1f}). Mixtral-shaped: "
             f"d={CONFIG['hidden_size']}, I={CONFIG['intermediate_size']}, "
             f"{CONFIG['num_local_experts']} experts top-{CONFIG['num_experts_per_tok']}, "
             f"{CONFIG['num_hidden_layers']} layers, batch {BATCH} × {SEQ} tokens; medians of "

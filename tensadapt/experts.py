@@ -45,8 +45,9 @@ class AdaptedExperts(Adapted):
         names = dict.fromkeys(t.experts.param for t in self.adapter_targets[name] if t.experts)
         return [getattr(self.base, n) for n in names]
 
-    def set_targets(self, name: str, targets: Sequence[TargetPlan]) -> None:
-        super().set_targets(name, targets)
+    def _prepare(self, name: str, targets: tuple[TargetPlan, ...]) -> None:
+        """The routed forward groups the targets per expert (:meth:`_split`, rebuilt lazily);
+        there is no program of the whole module's targets to build: they are never run as one."""
         self._by_expert.pop(name, None)
 
     def _split(self, name: str) -> dict[int, tuple[tuple[TargetPlan, ...], ...]]:

@@ -235,7 +235,12 @@ class Adapted(nn.Module):
         The executor's :class:`~tensadapt.executor.Program` for them is built here, outside any
         forward, so that a forward traced by ``torch.compile`` only looks it up."""
         self.adapter_targets[name] = found = tuple(targets)
-        self.hub.adapter(name).executor.program(found)
+        self._prepare(name, found)
+
+    def _prepare(self, name: str, targets: tuple[TargetPlan, ...]) -> None:
+        """Build what a forward over ``targets`` looks up: the executor's program of the module's
+        targets (a wrapper with its own forward over other groupings overrides this)."""
+        self.hub.adapter(name).executor.program(targets)
 
     def active_targets(self) -> tuple[TensorAdapter, tuple[TargetPlan, ...]] | None:
         """The active adapter and its targets here, or ``None`` when the base alone runs
