@@ -211,3 +211,14 @@ def test_min_environment_has_exactly_the_pinned_versions() -> None:
     assert not wrong, "the minimum-versions environment is not at the minimums:\n" + "\n".join(
         wrong
     )
+
+
+def test_ci_runs_the_suite_at_the_minimum_versions() -> None:
+    """CI's script runs ``make test-min``, whose install takes the pins of constraints-min.txt
+    and whose run sets the flag that turns on the check above."""
+    ci = [line.strip() for line in _text(ROOT / ".ci" / "run").splitlines()]
+    assert "make test-min" in ci
+    makefile = _text(ROOT / "Makefile")
+    assert "-c constraints-min.txt" in makefile
+    recipe = makefile.split("\ntest-min:", 1)[1].split("\n\n", 1)[0]
+    assert "TENSADAPT_MIN_VERSIONS=1" in recipe and "pytest" in recipe
