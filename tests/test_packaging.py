@@ -182,7 +182,9 @@ def test_installed_dependencies_import() -> None:
     ``transformers``, a compiled package against the wrong numpy) would otherwise only turn tests
     using ``pytest.importorskip`` into skips."""
     failed = []
-    names = {canonicalize_name(r.name) for g, r in _requirements(_text(PYPROJECT)) if _applies(g, r)}
+    names = {
+        canonicalize_name(r.name) for g, r in _requirements(_text(PYPROJECT)) if _applies(g, r)
+    }
     for name in sorted(names):
         module = IMPORT_NAMES.get(name, name.replace("-", "_"))
         if module is None or _installed(name) is None:
