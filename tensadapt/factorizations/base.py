@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import opt_einsum as oe
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: validating a spec needs no torch
@@ -176,6 +175,8 @@ def nominal_rank(rank: Rank) -> int:
 
 def equation(network: Network, out_legs: Sequence[str]) -> tuple[str, list[str]]:
     """An einsum equation contracting every factor into ``out_legs``; symbols from opt_einsum."""
+    import opt_einsum as oe  # here, not at the top: `validate` and `schema` never contract
+
     sym: dict[str, str] = {}
 
     def s(leg: str) -> str:
@@ -199,6 +200,7 @@ def reconstruct(network: Network, factors: Mapping[str, torch.Tensor]) -> torch.
     """
     out_legs = [leg for _, legs in network.axis_legs for leg in legs]
     eq, names = equation(network, out_legs)
+    import opt_einsum as oe
     import torch  # noqa: F401  (the torch backend of opt_einsum)
 
     full = oe.contract(eq, *[factors[n] for n in names], backend="torch")
