@@ -9,6 +9,7 @@ The forward never rebuilds an update tensor: each target contracts its input wit
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -188,7 +189,7 @@ def _inplace_safe(base: nn.Module) -> bool:
     return isinstance(base, Conv1D)
 
 
-class Adapted(nn.Module):
+class Adapted(nn.Module, abc.ABC):
     """What every wrapper of a base module shares: the targets of each adapter in it, which one is
     merged, and merging (into the base weights the targets name, as :meth:`weight_of` gives them).
 
@@ -255,13 +256,14 @@ class Adapted(nn.Module):
         return hub.adapters[name], targets  # type: ignore[return-value]
 
     # -- merging ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def weight_of(self, t: TargetPlan) -> torch.Tensor:
-        """The base weight (a view) that target ``t``'s update merges into."""
-        raise NotImplementedError  # pragma: no cover - each wrapper says where its weights are
+        """The base weight (a view) that target ``t``'s update merges into (each wrapper knows
+        where its weights are)."""
 
+    @abc.abstractmethod
     def _weights(self, name: str) -> list[torch.Tensor]:
         """The distinct base parameters adapter ``name`` merges into."""
-        raise NotImplementedError  # pragma: no cover
 
     @torch.no_grad()
     def _apply_delta(self, name: str, sign: float) -> None:

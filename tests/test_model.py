@@ -76,17 +76,7 @@ def test_save_pretrained_from_pretrained_round_trip(preset, fact, modes, tmp_pat
 
 
 def test_from_pretrained_with_a_path_loads_the_recorded_class(tmp_path: Path) -> None:
-    cfg = AutoConfig.for_model(
-        "bert",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    _save_tiny_bert(tmp_path / "base", num_labels=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NewModulesWarning)
         clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
@@ -203,7 +193,8 @@ def test_print_trainable_parameters(capsys) -> None:
 
 
 # -- new heads -------------------------------------------------------------------------------------
-def _classifier(tmp_path: Path, num_labels: int = 3) -> torch.nn.Module:
+def _save_tiny_bert(path: Path, **config: Any) -> None:
+    """A 2-layer, 32-wide BERT with seeded random weights, saved as a local model directory."""
     cfg = AutoConfig.for_model(
         "bert",
         hidden_size=32,
@@ -211,9 +202,14 @@ def _classifier(tmp_path: Path, num_labels: int = 3) -> torch.nn.Module:
         num_attention_heads=4,
         intermediate_size=64,
         vocab_size=100,
+        **config,
     )
     torch.manual_seed(0)
-    AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    AutoModel.from_config(cfg).save_pretrained(path)
+
+
+def _classifier(tmp_path: Path, num_labels: int = 3) -> torch.nn.Module:
+    _save_tiny_bert(tmp_path / "base")
     return AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "base", num_labels=num_labels
     )
