@@ -26,11 +26,11 @@ _EXPORTS: dict[str, str] = {
     "Plan": "planner",
     "plan": "planner",
     "export_peft_lora": "export",
-    "inject": "model",
-    "merge": "model",
-    "merge_and_unload": "model",
-    "trainable_parameters": "model",
-    "unmerge": "model",
+    "inject": "inplace",
+    "merge": "inplace",
+    "merge_and_unload": "inplace",
+    "trainable_parameters": "inplace",
+    "unmerge": "inplace",
     "load_adapter": "io",
     "save_adapter": "io",
 }
@@ -59,15 +59,9 @@ __all__ = [
 if TYPE_CHECKING:
     from .errors import AdapterMismatchError, PlanError, SpecError
     from .export import export_peft_lora
+    from .inplace import inject, merge, merge_and_unload, trainable_parameters, unmerge
     from .io import load_adapter, save_adapter
-    from .model import (
-        TensadaptModel,
-        inject,
-        merge,
-        merge_and_unload,
-        trainable_parameters,
-        unmerge,
-    )
+    from .model import TensadaptModel
     from .planner import Plan, plan
     from .spec import AdapterSpec, load_spec
     from .trainer import AdapterTrainer

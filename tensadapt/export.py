@@ -50,8 +50,8 @@ from torch import nn
 
 from . import contract, fused
 from .errors import ExportError
+from .inplace import adapted_modules, get_adapter, hub_of, merge_and_unload, saved_modules
 from .io import atomic_write, load_base_model
-from .model import adapted_modules, get_adapter, hub_of, merge_and_unload, saved_modules
 from .nn import AdaptedLinear, TensorAdapter
 from .planner import TargetPlan
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from .atomic import AdapterSaveError, atomic_write, clean_temp_files, fsync_dir, locked, write_text
 from .errors import AdapterMismatchError
-from .model import DEFAULT_ADAPTER, attach, hub_of, saved_modules
+from .inplace import DEFAULT_ADAPTER, attach, hub_of, saved_modules, unwrapped
 from .nn import TensorAdapter, factor_items
 from .spec import load_spec
 
@@ -110,24 +110,18 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> dict[str
 
     Keys: ``<tensor>.<factor>`` and ``modules_to_save.<module path>.<parameter>``.
     """
-    from .model import get_adapter
+    from .inplace import get_adapter
 
     ad = get_adapter(model, adapter_name)
-    hub = hub_of(_base(model))
+    hub = hub_of(unwrapped(model))
     assert hub is not None
     name = adapter_name or hub.active or DEFAULT_ADAPTER
     state = {f"{t}.{f}": p.detach().contiguous().cpu() for t, f, p in factor_items(ad)}
-    for path, sm in saved_modules(_base(model)):
+    for path, sm in saved_modules(unwrapped(model)):
         if name in sm.copies:
             for pn, p in sm.copies[name].named_parameters():
                 state[f"{SAVED_PREFIX}{path}.{pn}"] = p.detach().contiguous().cpu()
     return state
-
-
-def _base(model: nn.Module) -> nn.Module:
-    from .model import TensadaptModel
-
-    return model.base_model if isinstance(model, TensadaptModel) else model
 
 
 def save_adapter(
@@ -142,9 +136,9 @@ def save_adapter(
         AdapterSaveError: the directory cannot be written (the previous adapter stays intact).
     """
     from . import __version__
-    from .model import get_adapter
+    from .inplace import get_adapter
 
-    base = _base(model)
+    base = unwrapped(model)
     ad = get_adapter(base, adapter_name)
     hub = hub_of(base)
     assert hub is not None
@@ -384,7 +378,7 @@ def load_adapter(
     """
     from .planner import plan as make_plan
 
-    base = _base(model)
+    base = unwrapped(model)
     d = check_dir(Path(directory))
     raw, state = read_committed(d)
     source = str(d / ADAPTER_FILE)
@@ -445,7 +439,7 @@ def _rollback(
     """Undo a failed load: take the new adapter off (a pretrained init's residual is merged
     back first, giving the base weights to float rounding / the NF4 error); restore
     ``requires_grad`` and the active adapter."""
-    from .model import _remove, merge_and_unload
+    from .inplace import _remove, merge_and_unload
 
     hub = hub_of(model)
     if hub is None:
@@ -514,9 +508,9 @@ def load_adapter_state(
 ) -> None:
     """Copy ``state`` into an adapter's factors and ``modules_to_save`` copies, checking every
     name and shape first: only the spec's factors and its listed modules are accepted."""
-    from .model import get_adapter
+    from .inplace import get_adapter
 
-    base = _base(model)
+    base = unwrapped(model)
     ad = get_adapter(base, adapter_name)
     hub = hub_of(base)
     assert hub is not None

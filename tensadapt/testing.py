@@ -336,7 +336,7 @@ def _factor_dict(adapter: Any, tensor: str) -> dict[str, torch.Tensor]:
 def _check_case(fact: Factorization, spec: dict[str, Any], kind: str, case: str) -> None:
     import tensadapt as ta
 
-    from .model import adapted_modules, get_adapter
+    from .inplace import adapted_modules, get_adapter
 
     model = synthetic_model(kind)
     inputs = _inputs(model)
