@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+# One torch thread per test process. The suite's parallelism is pytest-xdist's worker processes
+# (`make test`: one per core); torch's intra-op threads on top of them oversubscribe the cores, and
+# on these tiny models the threads wait on each other more than they compute (the same 343 tests
+# of test_core, test_families_e2e, test_numerics and test_export with `-n 2`: 55-72 s with torch's
+# default 2 threads per worker, 39-42 s with 1). The environment variable carries it to the child
+# processes tests start (CLI runs, killed savers, torchrun workers).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("dev", max_examples=15, deadline=None)
@@ -33,6 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run whole products of cases (e.g. the torch.compile matrix) instead of the "
         "documented default sample; the environment variable TENSADAPT_FULL=1 does the same",
     )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Back to one thread after a test that set more (``train --threads 2`` runs in-process)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def build_model(preset: str, seed: int = 0) -> torch.nn.Module:

@@ -8,7 +8,12 @@ single-process run on the whole batch. Three ways to hold the model:
 - ``object-fsdp2``: the same object under FSDP2 (``torch.distributed.fsdp.fully_shard`` on each
   encoder layer, then on the root, where the shared factors are sharded and all-gathered).
 
-This file is also the worker script: ``torchrun ... tests/test_distributed.py OUT_DIR WAY``.
+One ``torchrun`` (module fixture :func:`trained`) trains all three ways in turn, in the same two
+worker processes, each way from a fresh model and into its own folder; each test then checks one
+way against its own single-process run. (One launch instead of three: starting torchrun and two
+workers that import torch and transformers costs more than the training.)
+
+This file is also the worker script: ``torchrun ... tests/test_distributed.py OUT_DIR [WAY ...]``.
 """
 
 from __future__ import annotations
@@ -108,21 +113,24 @@ def wrap(model: torch.nn.Module, way: str) -> torch.nn.Module:
     return model
 
 
-def worker(out: Path, way: str) -> None:
-    """One rank: its half of the global batch; rank 0 writes the factors."""
+def worker(out: Path, ways: list[str]) -> None:
+    """One rank: its half of the global batch, for each of ``ways`` in turn (a fresh model each);
+    rank 0 writes the factors to ``out/WAY/NAME.safetensors``."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = global_batch().chunk(world)[rank]
-    for name in SPECS:
-        model = make_model(name, way)
-        train(model, rows, wrap(model, way))
-        state = factors(model)
-        if rank == 0:
-            save_file(state, str(out / f"{name}.safetensors"))
-    dist.barrier()
+    for way in ways:
+        (out / way).mkdir(parents=True, exist_ok=True)
+        for name in SPECS:
+            model = make_model(name, way)
+            train(model, rows, wrap(model, way))
+            state = factors(model)
+            if rank == 0:
+                save_file(state, str(out / way / f"{name}.safetensors"))
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -132,8 +140,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_workers(out: Path, way: str) -> None:
-    """``torchrun`` 2 worker processes training ``way``; fails with their output if they fail."""
+def run_workers(out: Path, ways: list[str]) -> None:
+    """``torchrun`` 2 worker processes training each of ``ways``; fails with their output if they
+    fail."""
     here = Path(__file__).resolve()
     env = {
         **os.environ,
@@ -152,7 +161,7 @@ def run_workers(out: Path, way: str) -> None:
         f"--master-port={free_port()}",
         str(here),
         str(out),
-        way,
+        *ways,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -166,27 +175,36 @@ def check_equal_to_single_process(out: Path, way: str) -> None:
         start = {k: v.clone() for k, v in factors(model).items()}
         train(model, global_batch(), model)
         want = factors(model)
-        got = load_file(str(out / f"{name}.safetensors"))
+        got = load_file(str(out / way / f"{name}.safetensors"))
         assert set(got) == set(want)
         for k in want:
             assert not torch.equal(want[k], start[k]), f"{name}: {k} did not train"
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The factors every way trained to, from one ``torchrun`` of 2 workers."""
+    out = tmp_path_factory.mktemp("distributed")
+    run_workers(out, list(WAYS))
+    return out
+
+
+# one worker process runs the three tests, so the fixture launches torchrun once
 @pytest.mark.slow
-def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("distributed")
+def test_ddp_two_processes_equal_single_process(trained: Path) -> None:
     """The first API (``inject`` in place) under DDP."""
-    run_workers(tmp_path, "inplace-ddp")
-    check_equal_to_single_process(tmp_path, "inplace-ddp")
+    check_equal_to_single_process(trained, "inplace-ddp")
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("distributed")
 @pytest.mark.parametrize("way", [w for w in WAYS if w.startswith("object")])
-def test_model_object_two_processes_equal_single_process(tmp_path: Path, way: str) -> None:
+def test_model_object_two_processes_equal_single_process(trained: Path, way: str) -> None:
     """A :class:`TensadaptModel` under DDP and under FSDP2 (gloo, CPU)."""
-    run_workers(tmp_path, way)
-    check_equal_to_single_process(tmp_path, way)
+    check_equal_to_single_process(trained, way)
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "inplace-ddp")
+    worker(Path(sys.argv[1]), sys.argv[2:] or ["inplace-ddp"])
