@@ -24,16 +24,9 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
+from .adapterfile import ADAPTER_FILE, AdapterConfig, check_dir, check_records, read_committed
 from .errors import AdapterMismatchError
-from .io import (
-    ADAPTER_FILE,
-    AdapterConfig,
-    check_dir,
-    check_records,
-    load_adapter_state,
-    read_committed,
-    save_adapter,
-)
+from .io import load_adapter_state, save_adapter
 from .model import TensadaptModel, hub_of
 
 

@@ -182,8 +182,9 @@ def run_export(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"{args.adapter}: is a file, expected an adapter directory")
     not_a_file(args.out, "--out")
+    from ..adapterfile import read_config
     from ..export import export_merged, export_peft_lora
-    from ..io import load_adapter, load_base_model, read_config
+    from ..io import load_adapter, load_base_model
 
     saved = read_config(src)
     recorded = saved.get("spec")
@@ -252,8 +253,8 @@ def run_import(args: argparse.Namespace) -> int:
     not_a_file(args.out, "--out")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {args.out}: is not empty; give a new or empty directory")
+    from ..adapterfile import read_config
     from ..importers.lorta_peft import import_checkpoint
-    from ..io import read_config
 
     written = import_checkpoint(src, args.model, out)
     spec = read_config(written).get("spec", {})

@@ -287,7 +287,7 @@ def convert_state(
         AdapterMismatchError: the plan is not in the authors' convention, or a factor's shape does
             not fit it (another model's checkpoint).
     """
-    from ..io import SAVED_PREFIX
+    from ..adapterfile import SAVED_PREFIX
 
     out: dict[str, torch.Tensor] = {}
     shapes = {f"{plan.tensors[0].name}.{f.name}": f.shape for f in plan.tensors[0].factors}
