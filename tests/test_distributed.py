@@ -8,7 +8,7 @@ single-process run on the whole batch. Three ways to hold the model:
 - ``object-fsdp2``: the same object under FSDP2 (``torch.distributed.fsdp.fully_shard`` on each
   encoder layer, then on the root, where the shared factors are sharded and all-gathered).
 
-One ``torchrun`` (module fixture :func:`trained`) trains all three ways in turn, in the same two
+One ``torchrun`` (fixture :func:`trained`) trains all three ways in turn, in the same two
 worker processes, each way from a fresh model and into its own folder; each test then checks one
 way against its own single-process run. (One launch instead of three: starting torchrun and two
 workers that import torch and transformers costs more than the training.)
@@ -182,24 +182,36 @@ def check_equal_to_single_process(out: Path, way: str) -> None:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The factors every way trained to, from one ``torchrun`` of 2 workers."""
-    out = tmp_path_factory.mktemp("distributed")
-    run_workers(out, list(WAYS))
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The factors every way trained to, from one ``torchrun`` of 2 workers per test run.
+
+    Under pytest-xdist the three tests may land on different worker processes (``--dist
+    loadgroup`` no longer groups with pytest 9.2: pytest-dev/pytest-xdist#1386), so the launch is
+    shared through the run's common temporary folder: the first worker to get here launches under
+    a lock, the others wait for it and read what it wrote. (An ``fcntl`` lock: the workers are
+    processes on one POSIX machine, which the kill tests already assume.)"""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # shared by this run's xdist workers
+    out = root / "distributed"
+    with open(root / "distributed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            run_workers(out, list(WAYS))
+            (out / "done").touch()
     return out
 
 
-# one worker process runs the three tests, so the fixture launches torchrun once
 @pytest.mark.slow
-@pytest.mark.xdist_group("distributed")
 def test_ddp_two_processes_equal_single_process(trained: Path) -> None:
     """The first API (``inject`` in place) under DDP."""
     check_equal_to_single_process(trained, "inplace-ddp")
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distributed")
 @pytest.mark.parametrize("way", [w for w in WAYS if w.startswith("object")])
 def test_model_object_two_processes_equal_single_process(trained: Path, way: str) -> None:
     """A :class:`TensadaptModel` under DDP and under FSDP2 (gloo, CPU)."""
