@@ -89,6 +89,11 @@ def from_config(config: PretrainedConfig, families: Iterable[Family] | None = No
         import torch
         from transformers import AutoModel
 
+        remote = "AutoModel" in (getattr(config, "auto_map", None) or {})
+        if not remote and type(config) not in AutoModel._model_mapping:
+            # transformers' own error lists every model class it has, which imports all of them
+            # (~5 s); the membership test it makes first is a dictionary lookup
+            raise ValueError(f"AutoModel has no model class for {type(config).__name__}")
         with torch.device("meta"):
             model = AutoModel.from_config(config)
     except Exception as exc:
