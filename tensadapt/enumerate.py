@@ -45,13 +45,18 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from .errors import PlanError, SpecError, TensadaptError, first_line
 from .factorizations.base import Axis, Factorization
 from .planner import Plan, plan
 from .plugins import factorization_registry
 from .spec import MODES, AdapterSpec, get_factorization, load_spec, spec_to_yaml
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 #: Every subset of the stacking modes that apply to every model (``experts`` only exists in
 #: mixture-of-experts models), in the order tables list them.
@@ -236,7 +241,9 @@ def _tt_caps(axes: Sequence[Axis]) -> dict[str, int]:
 _CAP_RULES: dict[str, Callable[[Sequence[Axis]], dict[str, int]]] = {"tt": _tt_caps}
 
 
-def _count(fact: Factorization, tensors: Sequence[Sequence[Axis]], rank: Rank, options: Any) -> int:
+def _count(
+    fact: Factorization, tensors: Sequence[Sequence[Axis]], rank: Rank, options: BaseModel
+) -> int:
     return sum(fact.n_params(ax, rank, options) for ax in tensors)
 
 
@@ -255,7 +262,10 @@ def _largest(fits: Callable[[int], bool], hi: int) -> int:
 
 
 def allocate_ranks(
-    fact: Factorization, tensors: Sequence[Sequence[Axis]], budget: int, options: Any = None
+    fact: Factorization,
+    tensors: Sequence[Sequence[Axis]],
+    budget: int,
+    options: BaseModel | None = None,
 ) -> Rank | None:
     """The isoparameter ranks of ``fact`` on these tensors within ``budget`` (module docstring).
 
@@ -308,7 +318,7 @@ def _over_axis(fact: Factorization, tensors: Sequence[Sequence[Axis]], rank: Ran
     return out
 
 
-def model_param_count(model: Any) -> int | None:
+def model_param_count(model: str | Path | PretrainedConfig) -> int | None:
     """Parameters of the base model (``AutoModel`` on the ``meta`` device: no memory, no weights)."""
     try:
         import torch
@@ -333,7 +343,7 @@ def factorization_names() -> list[str]:
 
 
 def enumerate_configs(
-    model: Any,
+    model: str | Path | PretrainedConfig,
     *,
     rank: int | None = None,
     cap_ranks: bool = False,

@@ -19,7 +19,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from torch import nn
 
 from . import contract
 from .arch.base import PROJECTIONS, Architecture, ExpertWeights, Fused, TargetSite
@@ -29,6 +31,13 @@ from .factorizations.base import Axis, FactorSpec, Network, nominal_rank
 from .modes import WRITE_PROJECTIONS, tensor_axes
 from .quant import MemoryPlan, memory_plan
 from .spec import AdapterSpec, get_factorization, load_spec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+#: what a plan is made against: a model (any device, ``meta`` included), a ``transformers``
+#: config, an :class:`Architecture`, or a preset name / local path
+ModelOrConfig: TypeAlias = "nn.Module | PretrainedConfig | Architecture | str"
 
 #: bytes a plan may ask to allocate for its factors before planning refuses (see :func:`plan`)
 MAX_FACTOR_BYTES = 64 * 2**30
@@ -225,20 +234,20 @@ class Plan:
         return format_plan(self)
 
 
-def _arch_of(model_or_config: Any) -> Architecture:
+def _arch_of(model_or_config: ModelOrConfig) -> Architecture:
     from . import arch as arch_mod
 
     if isinstance(model_or_config, Architecture):
         return model_or_config
     if isinstance(model_or_config, str):
         return arch_mod.from_config(arch_mod.load_config(model_or_config))
-    if hasattr(model_or_config, "named_modules"):
+    if isinstance(model_or_config, nn.Module):
         return arch_mod.from_model(model_or_config)
     return arch_mod.from_config(model_or_config)
 
 
 def plan(
-    spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str], model_or_config: Any
+    spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str], model_or_config: ModelOrConfig
 ) -> Plan:
     """Compile ``spec`` against an architecture.
 
@@ -376,15 +385,15 @@ def plan(
     )
 
 
-def _model_params(model_or_config: Any) -> int | None:
-    if hasattr(model_or_config, "parameters"):
+def _model_params(model_or_config: ModelOrConfig) -> int | None:
+    if isinstance(model_or_config, nn.Module):
         return sum(p.numel() for p in model_or_config.parameters())
     return None
 
 
-def _weight_dtype(model_or_config: Any) -> str:
+def _weight_dtype(model_or_config: ModelOrConfig) -> str:
     """The base weights' dtype: the model's, the config's ``dtype``, else float32 (from_config)."""
-    if hasattr(model_or_config, "parameters"):
+    if isinstance(model_or_config, nn.Module):
         for p in model_or_config.parameters():
             if p.is_floating_point():
                 return str(p.dtype).removeprefix("torch.")
