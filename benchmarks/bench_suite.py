@@ -27,13 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli import ROOT, _env  # noqa: E402  (a checkout first on PYTHONPATH)
 
 
 def collect(root: Path) -> set[str]:

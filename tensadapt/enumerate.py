@@ -167,7 +167,7 @@ class Enumeration:
 
     def write_specs(self, directory: str | Path) -> list[Path]:
         """Write one spec YAML per row to ``directory`` (created), named :attr:`Row.filename`."""
-        from .io import atomic_write
+        from .atomic import atomic_write
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,10 @@ import torch
 from torch import nn
 
 from . import contract, fused
+from .atomic import atomic_write
 from .errors import ExportError
 from .inplace import adapted_modules, get_adapter, hub_of, merge_and_unload, saved_modules
-from .io import atomic_write, load_base_model
+from .io import load_base_model
 from .nn import AdaptedLinear, TensorAdapter
 from .planner import TargetPlan
 

@@ -33,14 +33,14 @@ from typing import Any
 
 from torch import nn
 
+from . import inplace
 from .errors import PlanError
 from .executor import Frame
 from .heads import NewModulesWarning, new_modules
+from .inplace import *  # noqa: F403  (the in-place layer's names, re-exported: see __all__)
 from .inplace import (
     DEFAULT_ADAPTER,
     HUB_ATTR,
-    MERGE_LOSS_WARN,
-    MergePrecisionWarning,
     SpecLike,
     _checkpointing,
     _remove,
@@ -48,14 +48,9 @@ from .inplace import (
     _unguard_hf_save,
     adapted_modules,
     attach,
-    get_adapter,
     hub_of,
-    inject,
     merge,
     merge_and_unload,
-    merge_loss,
-    saved_modules,
-    trainable_parameters,
     unmerge,
 )
 from .nn import AdapterHub, TensorAdapter
@@ -275,23 +270,6 @@ class TensadaptModel(nn.Module):
         return self.hub.adapter(adapter_name)
 
 
-__all__ = [
-    "DEFAULT_ADAPTER",
-    "MERGE_LOSS_WARN",
-    "MergePrecisionWarning",
-    "HUB_ATTR",
-    "NewModulesWarning",
-    "TensadaptModel",
-    "adapted_modules",
-    "attach",
-    "get_adapter",
-    "hub_of",
-    "inject",
-    "merge",
-    "merge_and_unload",
-    "merge_loss",
-    "new_modules",
-    "saved_modules",
-    "trainable_parameters",
-    "unmerge",
-]
+#: the in-place layer's names (re-exported: imports from ``tensadapt.model`` keep working) and
+#: the object's own
+__all__ = [*inplace.__all__, "NewModulesWarning", "TensadaptModel", "new_modules"]

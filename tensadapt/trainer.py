@@ -26,8 +26,9 @@ from transformers import Trainer
 
 from .adapterfile import ADAPTER_FILE, AdapterConfig, check_dir, check_records, read_committed
 from .errors import AdapterMismatchError
+from .inplace import hub_of
 from .io import load_adapter_state, save_adapter
-from .model import TensadaptModel, hub_of
+from .model import TensadaptModel
 
 
 def _adapted(model: nn.Module | None) -> nn.Module:

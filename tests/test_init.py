@@ -19,16 +19,6 @@ from tensadapt.model import adapted_modules, get_adapter
 from tensadapt.planner import get_factorization, plan
 from tensadapt.quant import NF4Linear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small decompositions are dominated by thread start-up on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PRETRAINED = {"lora": "svd", "cp": "svd", "tucker": "svd", "tt": "svd", "mpo": "mpo"}
 
 
@@ -359,15 +349,13 @@ def test_plan_memory_matches_a_real_model() -> None:
     ],
 )
 def test_paper_init_through_inject_starts_at_the_base_model(init, fact, modes, rank) -> None:
-    spec = (
-        {
-            "factorization": fact,
-            "modes": modes,
-            "targets": ["q", "k", "v"],
-            "rank": rank,
-            "init": init,
-        }
-    )
+    spec = {
+        "factorization": fact,
+        "modes": modes,
+        "targets": ["q", "k", "v"],
+        "rank": rank,
+        "init": init,
+    }
     model = build_model("tiny-bert")
     inputs = model_inputs(model)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}

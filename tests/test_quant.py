@@ -10,14 +10,6 @@ from hypothesis import strategies as st
 from tensadapt.quant import NF4Linear, memory_plan, nf4_bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @given(
     rows=st.integers(1, 40),
     cols=st.integers(1, 100),

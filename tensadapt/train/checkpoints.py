@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 from .options import OptionError
 from .tokenizer import TEXTS_FILE, texts_digest
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 
 
 def pareto_front(summary: Sequence[Mapping[str, Any]], higher_is_better: bool = True) -> list[str]:

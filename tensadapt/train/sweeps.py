@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..atomic import atomic_write
 from ..enumerate import rank_summary
 from ..errors import DivergenceError, NonFiniteError, TensadaptError
-from ..io import atomic_write
 from ..spec import AdapterSpec
 from .encode import Prepared
 from .options import BOUNDS, TrainOptions

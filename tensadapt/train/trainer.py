@@ -35,10 +35,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..atomic import atomic_write
 from ..deps import require
 from ..errors import DivergenceError, NonFiniteError
-from ..io import atomic_write, save_adapter
-from ..model import TensadaptModel, get_adapter, merge, trainable_parameters, unmerge
+from ..inplace import get_adapter, merge, trainable_parameters, unmerge
+from ..io import save_adapter
+from ..model import TensadaptModel
 from ..numerics import DivergenceCallback, FiniteCheckCallback
 from ..spec import AdapterSpec, load_spec, spec_to_yaml
 from ..trainer import AdapterTrainer

@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..atomic import atomic_write
 from ..deps import require
 from ..errors import DivergenceError, NonFiniteError, TensadaptError
-from ..io import atomic_write
 from ..spec import AdapterSpec, load_spec
 from .data import DataError, Split, TaskData
 from .encode import Prepared, encode
